@@ -1,0 +1,189 @@
+"""Builds the gateway's ASGI application from a `Config`.
+
+Two parts behind one small dispatcher: the chat completions endpoint, a plain ASGI callable (the
+hot path), and a FastAPI app for everything else (models, health, and later admin and dashboard).
+Everything with state (HTTP client, simulator) is made in the lifespan; there is no module state.
+Auth is on by default: routes outside `OPEN_PATHS` need a gateway key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.asgi import REQUEST_ID_HEADER, Message, Receive, Scope, Send, request_id_for
+from gateway.auth import KeyStore
+from gateway.chat import CHAT_PATHS, ChatCompletions
+from gateway.config import Config
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.relay import Upstream
+from gateway.simulator import RunningSimulator, start_simulator
+
+logger = logging.getLogger("gateway")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+SIMULATOR_TOKEN = "simulator"  # not a secret: what the gateway sends its own simulator
+
+
+class GatewayApp:
+    """Sends the two chat completions paths to the hot-path handler and the rest to FastAPI."""
+
+    def __init__(self, chat: ChatCompletions, api: FastAPI) -> None:
+        self.chat = chat
+        self.api = api
+        self._api_with_request_id = RequestIdMiddleware(api)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
+            await self.chat(scope, receive, send)
+        else:
+            await self._api_with_request_id(scope, receive, send)
+
+
+class RequestIdMiddleware:
+    """Puts `x-request-id` (the caller's, else a new one) on every response of the wrapped app."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        caller_id = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), None)
+        request_id = request_id_for(caller_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, request_id)]
+            await send(message)
+
+        await self._app(scope, receive, send_with_id)
+
+
+def create_app(config: Config) -> GatewayApp:
+    keys = KeyStore(config.secrets.caller_keys)
+    token = config.secrets.upstream_token
+    upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN)
+    chat = ChatCompletions(config, keys, upstream)
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        simulator: RunningSimulator | None = None
+        if config.uses_simulator:
+            simulator = await start_simulator(config.simulator, config.models)
+            _announce_simulator(config, simulator)
+        await upstream.start(simulator.base_url if simulator else None)
+        try:
+            yield
+        finally:
+            await upstream.close()
+            if simulator is not None:
+                await simulator.stop()
+
+    api = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(api)
+    api.include_router(_open_routes(config, upstream))
+    api.include_router(_caller_routes(config, keys))
+    return GatewayApp(chat, api)
+
+
+def _announce_simulator(config: Config, simulator: RunningSimulator) -> None:
+    line = "!" * 78
+    logger.warning(
+        "\n%s\n!! NO UPSTREAM TOKEN: $%s is not set.\n"
+        "!! Serving every request from the BUILT-IN SIMULATOR at %s: replies are FAKE.\n"
+        "!! Set %s (and upstream.require_token: true in production) to use DeepInfra.\n%s",
+        line,
+        config.upstream.token_env,
+        simulator.base_url,
+        config.upstream.token_env,
+        line,
+    )
+
+
+def _open_routes(config: Config, upstream: Upstream) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = upstream.started
+        upstream_kind = "simulator" if config.uses_simulator else "configured"
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "upstream": upstream_kind},
+            status_code=200 if ready else 503,
+        )
+
+    return router
+
+
+def _caller_routes(config: Config, keys: KeyStore) -> APIRouter:
+    def authenticate(request: Request) -> str:
+        authorization = request.headers.get("authorization")
+        return keys.authenticate(authorization.encode("latin-1") if authorization is not None else None)
+
+    router = APIRouter(dependencies=[Depends(authenticate)])
+    models = {
+        "object": "list",
+        "data": [
+            {"id": model.name, "object": "model", "created": 0, "owned_by": "deepinfra"}
+            for model in config.models
+        ],
+    }
+
+    @router.get("/v1/openai/models")
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return models
+
+    return router
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    """Every error the gateway answers itself is in OpenAI's error shape."""
+
+    def render(error: GatewayError) -> JSONResponse:
+        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(request: Request, error: GatewayError) -> JSONResponse:
+        return render(error)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 405:
+            return render(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+        if error.status_code == 404:
+            return render(NotFound(f"No route {request.method} {request.url.path}."))
+        body = {
+            "error": {
+                "message": str(error.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        return JSONResponse(body, status_code=error.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return render(InvalidRequest(f"{param}: {first.get('msg', 'invalid')}", param=param))
+
+    @api.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.error("unexpected %s on %s %s", type(error).__name__, request.method, request.url.path)
+        return render(GatewayError("The gateway failed to handle this request."))

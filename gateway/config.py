@@ -1,0 +1,256 @@
+"""Configuration: one frozen, typed object, loaded once from YAML plus secrets from the environment.
+
+This is the only module that reads the environment. Every other module gets the `Config` it needs
+passed in explicitly. A config error raises `ConfigError` with a message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+CONFIG_ENV = "GATEWAY_CONFIG"
+DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+UsdPerMillionTokens = Annotated[Decimal, Field(ge=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Section):
+    base_url: str = "https://api.deepinfra.com/v1/openai"
+    token_env: str = "DEEPINFRA_TOKEN"
+    require_token: bool = False
+    connect_timeout_s: PositiveSeconds = 5
+    read_timeout_s: PositiveSeconds = 600
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def chat_completions_url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, Field(ge=1)] = 20_971_520
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+
+class ModelConfig(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    input_usd_per_mtok: UsdPerMillionTokens
+    output_usd_per_mtok: UsdPerMillionTokens
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    price = Decimal("0.049")
+    return (ModelConfig(name=DEFAULT_MODEL, input_usd_per_mtok=price, output_usd_per_mtok=price),)
+
+
+class LedgerConfig(_Section):
+    url: str = "sqlite:///./gateway.db"
+
+
+class AdminConfig(_Section):
+    key_env: str = "GATEWAY_ADMIN_KEY"
+
+
+class StaticKey(_Section):
+    """A caller key from the config file: the key itself, its SHA-256, or the env var holding it."""
+
+    name: Annotated[str, Field(min_length=1)]
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+    key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> StaticKey:
+        given = [self.key is not None, self.key_sha256 is not None, self.key_env is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of key, key_sha256, key_env")
+        if self.key_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.key_sha256):
+            raise ValueError("key_sha256 must be 64 hex digits")
+        return self
+
+
+class AuthConfig(_Section):
+    keys: tuple[StaticKey, ...] = ()
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_names(cls, keys: tuple[StaticKey, ...]) -> tuple[StaticKey, ...]:
+        names = [key.name for key in keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate key names: {', '.join(duplicates)}")
+        return keys
+
+
+class SimulatorConfig(_Section):
+    """The built-in upstream simulator, used when no upstream token is set."""
+
+    latency_ms: Annotated[float, Field(ge=0)] = 150
+    tokens_per_s: Annotated[float, Field(ge=0)] = 100
+    reply_tokens: Annotated[int, Field(ge=0)] = 24
+    usage_style: Literal["deepinfra", "openai"] = "deepinfra"
+
+
+class CallerKey(_Section):
+    """A resolved caller key: only its name and SHA-256 digest are kept."""
+
+    name: str
+    sha256: bytes
+
+
+class Secrets(_Section):
+    """Secrets resolved from the environment; never read from the file, never printed."""
+
+    upstream_token: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    caller_keys: tuple[CallerKey, ...] = ()
+
+
+class Config(_Section):
+    upstream: UpstreamConfig = UpstreamConfig()
+    server: ServerConfig = ServerConfig()
+    models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = Field(default_factory=_default_models)
+    ledger: LedgerConfig = LedgerConfig()
+    admin: AdminConfig = AdminConfig()
+    auth: AuthConfig = AuthConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    secrets: Secrets = Field(default=Secrets(), exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        names = [model.name for model in models]
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        return models
+
+    @property
+    def uses_simulator(self) -> bool:
+        """No upstream token: the gateway serves from its built-in simulator."""
+        return self.secrets.upstream_token is None
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file at `path` (or $GATEWAY_CONFIG) and resolve secrets from `environ`."""
+    env = os.environ if environ is None else environ
+    path = path or env.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"no config file: pass --config PATH or set {CONFIG_ENV}")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    return parse_config(text, env)
+
+
+def parse_config(text: str, environ: Mapping[str, str]) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config is not valid YAML: {error}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a YAML mapping of sections (upstream, server, models, ...)")
+    if "secrets" in raw:
+        raise ConfigError("secrets: unknown key (secrets come from environment variables)")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    return config.model_copy(update={"secrets": _resolve_secrets(config, environ)})
+
+
+def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
+    token = environ.get(config.upstream.token_env) or None
+    if token is None and config.upstream.require_token:
+        raise ConfigError(
+            f"upstream.token_env: environment variable {config.upstream.token_env} is not set "
+            "and upstream.require_token is true"
+        )
+    admin_key = environ.get(config.admin.key_env) or None
+    caller_keys = []
+    for index, static in enumerate(config.auth.keys):
+        caller_keys.append(CallerKey(name=static.name, sha256=_static_key_digest(static, index, environ)))
+    digests = [key.sha256 for key in caller_keys]
+    if len(set(digests)) != len(digests):
+        raise ConfigError("auth.keys: two keys have the same value")
+    return Secrets(
+        upstream_token=SecretStr(token) if token else None,
+        admin_key=SecretStr(admin_key) if admin_key else None,
+        caller_keys=tuple(caller_keys),
+    )
+
+
+def _static_key_digest(static: StaticKey, index: int, environ: Mapping[str, str]) -> bytes:
+    if static.key_sha256 is not None:
+        return bytes.fromhex(static.key_sha256)
+    if static.key_env is not None:
+        value = environ.get(static.key_env)
+        if not value:
+            raise ConfigError(f"auth.keys[{index}].key_env: environment variable {static.key_env} is not set")
+        return hashlib.sha256(value.encode()).digest()
+    assert static.key is not None
+    return hashlib.sha256(static.key.get_secret_value().encode()).digest()
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, each naming the key as `section.key` or `auth.keys[0].name`."""
+    lines = []
+    for problem in error.errors():
+        key = _dotted(problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            value = problem.get("input")
+            # Values under auth may be keys: never echo them.
+            hidden = isinstance(value, dict | list) or problem["type"] == "missing" or key.startswith("auth")
+            shown = "" if hidden else f" (got {value!r})"
+            lines.append(f"{key}: {problem['msg']}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("function-after[_exactly_one_source()]",):
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"

@@ -1,0 +1,94 @@
+"""The one error tree of the gateway, rendered in OpenAI's error shape.
+
+    GatewayError
+    ├── InvalidRequest       400  a field is missing, of the wrong type or out of range
+    ├── Unauthorized         401  missing, unknown or revoked key
+    ├── NotFound             404  unknown route
+    ├── ModelNotFound        404  a model the gateway does not serve
+    ├── MethodNotAllowed     405
+    ├── PayloadTooLarge      413
+    ├── UpstreamUnavailable  502  upstream unreachable, or it answered garbage
+    └── UpstreamTimeout      504  no byte from upstream for read_timeout_s
+
+Messages never carry a secret: they are written here or in the validator, never copied from an
+exception of the HTTP client.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def to_dict(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_type = "upstream_error"
+    default_code = "upstream_timeout"
