@@ -1,0 +1,89 @@
+"""The floor from shared/PERF.md: the least a FastAPI proxy on aiohttp can do, to compare the gateway with.
+
+It reads the body, parses it with `orjson.loads`, checks one field (`model` is a string), forwards the
+raw bytes with one shared `aiohttp.ClientSession`, and relays the answer: a JSON body whole, a stream
+chunk by chunk as it arrives. No auth, no validation beyond that, no accounting.
+
+Run: `python bench/minimal_proxy.py --port 8002 --upstream http://127.0.0.1:8001/v1/openai/chat/completions`
+(uvicorn, uvloop, httptools, one worker, no access log). `GET /healthz` answers 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import orjson
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+UPSTREAM_HEADERS = {"Authorization": "Bearer bench-upstream-token", "Content-Type": "application/json"}
+
+
+def create_app(upstream_url: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000))
+        yield
+        await app.state.session.close()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/openai/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await request.body()
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _bad_request("body is not JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+            return _bad_request("model must be a string")
+        session: aiohttp.ClientSession = request.app.state.session
+        upstream = await session.post(upstream_url, data=body, headers=UPSTREAM_HEADERS)
+        if upstream.content_type == "text/event-stream":
+            return StreamingResponse(_relay(upstream), upstream.status, media_type="text/event-stream")
+        content = await upstream.read()
+        upstream.release()
+        return Response(content, upstream.status, media_type="application/json")
+
+    return app
+
+
+async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    finally:
+        upstream.release()
+
+
+def _bad_request(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, 400)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The minimal FastAPI + aiohttp proxy (the floor).")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="the upstream chat completions URL")
+    args = parser.parse_args()
+    uvicorn.run(
+        create_app(args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The benchmark in one command: nginx as a fake upstream; direct, gateway and minimal proxy side by side.
+
+    /tmp/venv/bin/python bench/run.py [--duration 8] [--quick] [--json bench/results/latest.json]
+
+Starts nginx (see `fake_upstream.py`), then measures, one system at a time: nginx directly, the
+gateway (one worker) and the minimal FastAPI + aiohttp proxy (`minimal_proxy.py`). A proxied system
+is started once per upstream behaviour (instant, 50 ms, SSE), pointed at that nginx location, and
+stopped after its cases. Plain requests are driven by wrk with `post.lua`; streams by `sse_client.py`.
+Prints the table and the derived figures (see `report.py`) and writes everything to a JSON file.
+Exit status: 0 for a valid run, 1 if any case had errors, 2 if the run could not be done at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import fake_upstream
+import processes
+import report
+import sse_client
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+CHAT_PATH = "/v1/openai/chat/completions"
+WARMUP_S = 1
+SSE_CONCURRENCY = 32
+SSE_TOTAL = 640
+
+
+class BenchError(RuntimeError):
+    """A case could not be measured (a process did not start, wrk printed no result, a bad answer)."""
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally blocks run and clean up
+    duration = 2 if args.quick else args.duration
+    meta = run_meta(duration, args.quick)
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with nginx(workdir) as nginx_url:
+                results = {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
+        except (BenchError, processes.StartFailed) as error:
+            print(f"benchmark could not run: {error}", file=sys.stderr)
+            return 2
+    meta["load_average_after"] = os.getloadavg()
+    full = report.build(results, meta)
+    print("\n" + report.format_text(full))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(full, indent=2) + "\n")
+    print(f"\nwritten: {args.json}")
+    return 0 if full["valid"] else 1
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark: nginx directly, the gateway, the minimal proxy.")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per case (default 8)")
+    parser.add_argument("--quick", action="store_true", help="2 s per case: a smoke check")
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json", help="result file")
+    return parser.parse_args()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def nginx(workdir: Path) -> Iterator[str]:
+    """Run the fake upstream; yield its base URL (`http://127.0.0.1:PORT`)."""
+    port = processes.free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(fake_upstream.nginx_conf(port, workdir))
+    argv = ["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
+    base = f"http://127.0.0.1:{port}"
+    with processes.running(argv, f"{base}/healthz", workdir / "nginx.log"):
+        yield base
+
+
+def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[str, Any]:
+    """All cases of one system; a system that fails is recorded as failed and the run goes on."""
+    cases: dict[str, Any] = {}
+    try:
+        with serve(system, f"{nginx_url}/instant/v1/openai", workdir) as url:
+            probe(url)
+            cases["warmup_instant"] = wrk(url, 32, WARMUP_S)
+            cases["instant_c32"] = show(system, "instant_c32", wrk(url, 32, duration))
+        with serve(system, f"{nginx_url}/slow/v1/openai", workdir) as url:
+            probe(url)
+            cases["warmup_slow"] = wrk(url, 32, WARMUP_S)
+            cases["slow_c1"] = show(system, "slow_c1", wrk(url, 1, duration))
+            cases["slow_c32"] = show(system, "slow_c32", wrk(url, 32, duration))
+        with serve(system, f"{nginx_url}/sse/v1/openai", workdir) as url:
+            streams = sse_client.run_streams(url, SSE_CONCURRENCY, SSE_TOTAL, duration)
+            cases["sse_c32"] = show(system, "sse_c32", asyncio.run(streams))
+    except (BenchError, processes.StartFailed) as error:
+        print(f"{system}: FAILED: {error}", file=sys.stderr)
+        return {**cases, "failed": str(error)}
+    return cases
+
+
+@contextmanager
+def serve(system: str, upstream_base: str, workdir: Path) -> Iterator[str]:
+    """Run `system` in front of `upstream_base`; yield its chat completions URL."""
+    if system == "direct":
+        yield upstream_base + "/chat/completions"
+        return
+    port = processes.free_port()
+    kind = upstream_base.split("/")[3]  # instant | slow | sse
+    log = workdir / f"{system}-{kind}.log"
+    if system == "gateway":
+        argv = gateway_argv(upstream_base, port, workdir / f"gateway-{kind}.yaml", workdir)
+        env = {**os.environ, "DEEPINFRA_TOKEN": "bench-upstream-token"}
+    else:
+        argv = [sys.executable, str(BENCH_DIR / "minimal_proxy.py"), "--port", str(port)]
+        argv += ["--upstream", upstream_base + "/chat/completions"]
+        env = None
+    with processes.running(argv, f"http://127.0.0.1:{port}/healthz", log, env=env, cwd=workdir):
+        yield f"http://127.0.0.1:{port}{CHAT_PATH}"
+
+
+def gateway_argv(upstream_base: str, port: int, config_path: Path, workdir: Path) -> list[str]:
+    """Write the gateway's config (JSON is YAML) and return the command that serves it."""
+    config = {
+        "upstream": {"base_url": upstream_base},
+        "server": {"log_level": "warning", "access_log": False, "shutdown_grace_s": 2},
+        "ledger": {"url": f"sqlite:///{workdir}/{config_path.stem}.db"},
+        "auth": {"keys": [{"name": "bench", "key": "sk-bench"}]},
+    }
+    config_path.write_text(json.dumps(config, indent=2))
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port)]
+
+
+def probe(url: str) -> None:
+    """One request before the load: it must be a 200 carrying the fake upstream's reply."""
+    request = urllib.request.Request(url, data=PROBE_BODY, headers=PROBE_HEADERS, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, body = response.status, response.read()
+    except OSError as error:  # urllib's HTTPError (non-2xx) is an OSError too
+        raise BenchError(f"probe POST {url} failed: {error}") from None
+    reply = json.loads(body) if body.startswith(b"{") else {}
+    if status != 200 or reply.get("id") != fake_upstream.REPLY_ID:
+        raise BenchError(f"probe POST {url}: HTTP {status}, unexpected body {body[:300]!r}")
+
+
+PROBE_BODY = json.dumps({"model": fake_upstream.MODEL, "messages": [{"role": "user", "content": "Hello!"}]})
+PROBE_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+
+
+def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
+    """Run wrk with post.lua and return the numbers from its `BENCH {...}` line, plus req/s."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
+    argv += ["-s", str(BENCH_DIR / "post.lua"), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"wrk exited {done.returncode} without a result:\n{done.stdout}{done.stderr}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH "))
+    result["connections"] = connections
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def show(system: str, case: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Print one progress line for a finished case; return the result unchanged."""
+    if "latency_us" in result:
+        latency = result["latency_us"]
+        errors = sum(result["errors"].values())
+        figures = f"{result['rps']:,.0f} req/s  p50 {latency['p50'] / 1000:.2f} ms  p99 {latency['p99'] / 1000:.2f} ms"
+    else:
+        errors = sum(result["failures"].values()) + sum(result["warmup_failures"].values())
+        figures = f"{result['ok']} streams  TTFB p50 {result['ttfb_ms']['p50']} ms  total p50 {result['total_ms']['p50']} ms"
+    print(f"{system:<8} {case:<12} {figures}  errors {errors}", flush=True)
+    return result
+
+
+def run_meta(duration: int, quick: bool) -> dict[str, Any]:
+    """When, where and with what this run was made."""
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s_per_case": duration,
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"]).splitlines()[0],
+        "git_commit": _version(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"]),
+        "git_dirty": bool(_version(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "gateway"])),
+        "sse": {"concurrency": SSE_CONCURRENCY, "max_streams": SSE_TOTAL},
+    }
+
+
+def _version(argv: list[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        raise BenchError(f"{argv[0]} is not installed")
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

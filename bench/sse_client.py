@@ -1,0 +1,123 @@
+"""A small SSE load client: N concurrent streaming chat requests, timed one by one.
+
+Each stream is a POST with `"stream": true`. Per stream it measures the time to the first byte of
+the body (TTFB) and to the end of the stream (total), and checks that the stream was a 200 that ended
+with `data: [DONE]`; any other ending is a failure, counted by reason. Streams are started until
+`total` have been started or `duration_s` has passed, whichever comes first, keeping `concurrency`
+open at a time. A warm-up round (one stream per connection, not counted) goes first.
+
+Also runnable on its own: `python bench/sse_client.py URL [--concurrency 32] [--total 640] [--duration 8]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "stream": True})
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+DONE = b"data: [DONE]\n\n"
+STREAM_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Streams:
+    """What the streams of one run did: timings (seconds) of the good ones, failures by reason."""
+
+    ttfb: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, streams: Streams) -> None:
+    """Run one streaming request; record its timings, or why it failed."""
+    started = time.perf_counter()
+    first_byte: float | None = None
+    tail = b""
+    try:
+        async with session.post(url, data=BODY, headers=HEADERS) as response:
+            async for chunk in response.content.iter_any():
+                if first_byte is None:
+                    first_byte = time.perf_counter()
+                tail = (tail + chunk)[-len(DONE) :]
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as error:
+        streams.failures[type(error).__name__] += 1
+        return
+    ended = time.perf_counter()
+    if status != 200:
+        streams.failures[f"HTTP {status}"] += 1
+    elif first_byte is None or not tail.endswith(DONE):
+        streams.failures["no [DONE] at the end"] += 1
+    else:
+        streams.ttfb.append(first_byte - started)
+        streams.total.append(ended - started)
+
+
+async def run_streams(url: str, concurrency: int, total: int, duration_s: float) -> dict[str, object]:
+    """Warm up, then run up to `total` streams for at most `duration_s`; return the summary."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=STREAM_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        warmup = Streams()
+        await asyncio.gather(*(one_stream(session, url, warmup) for _ in range(concurrency)))
+        streams = Streams()
+        tickets = iter(range(total))
+        deadline = time.perf_counter() + duration_s
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline and next(tickets, None) is not None:
+                await one_stream(session, url, streams)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return summarize(streams, warmup, concurrency, elapsed)
+
+
+def summarize(streams: Streams, warmup: Streams, concurrency: int, elapsed_s: float) -> dict[str, object]:
+    """The run as plain data: counts, failures and p50/p99 in milliseconds."""
+    return {
+        "concurrency": concurrency,
+        "streams": len(streams.total) + sum(streams.failures.values()),
+        "ok": len(streams.total),
+        "failures": dict(streams.failures),
+        "warmup_failures": dict(warmup.failures),
+        "elapsed_s": round(elapsed_s, 3),
+        "ttfb_ms": {"p50": _ms(streams.ttfb, 50), "p99": _ms(streams.ttfb, 99)},
+        "total_ms": {"p50": _ms(streams.total, 50), "p99": _ms(streams.total, 99)},
+    }
+
+
+def _ms(seconds: list[float], pct: float) -> float | None:
+    return round(percentile(seconds, pct) * 1e3, 3) if seconds else None
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url", help="the chat completions URL")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--total", type=int, default=640)
+    parser.add_argument("--duration", type=float, default=8.0)
+    args = parser.parse_args()
+    summary = asyncio.run(run_streams(args.url, args.concurrency, args.total, args.duration))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Every documented range, at both sides of every bound, and wrong types, checked before upstream.
+
+An accepted request reaches upstream as the caller's exact bytes; a rejected one never leaves the
+gateway and is answered 400 (404 for an unknown model, 413 for an oversized body) naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import MAX_BODY_BYTES, chat
+from tests.servers import MODEL, ScriptedUpstream
+
+CHAT_PATH = "/v1/openai/chat/completions"
+
+# field, accepted values, rejected values (each with the error code expected)
+RANGES: list[tuple[str, list[Any], list[tuple[Any, str]]]] = [
+    ("temperature", [0, 0.0, 1, 2, 2.0], [(-0.0001, "invalid_value"), (2.0001, "invalid_value"), (3, "invalid_value")]),
+    ("top_p", [0.0001, 1, 1.0], [(0, "invalid_value"), (0.0, "invalid_value"), (1.0001, "invalid_value")]),
+    ("min_p", [0, 1, 0.5], [(-0.01, "invalid_value"), (1.01, "invalid_value")]),
+    ("top_k", [0, 999], [(-1, "invalid_value"), (1000, "invalid_value"), (5.0, "invalid_type")]),
+    ("max_tokens", [0, 1_000_000], [(-1, "invalid_value"), (1_000_001, "invalid_value"), (10.0, "invalid_type")]),
+    ("presence_penalty", [-2, 2, 0], [(-2.01, "invalid_value"), (2.01, "invalid_value")]),
+    ("frequency_penalty", [-2, 2.0], [(-2.5, "invalid_value"), (2.5, "invalid_value")]),
+    ("repetition_penalty", [0.01, 5, 1], [(0.0099, "invalid_value"), (5.01, "invalid_value"), (0, "invalid_value")]),
+    ("seed", [0, 2**63 - 1], [(-1, "invalid_value"), (2**63, "invalid_value"), (1.0, "invalid_type")]),
+    ("tool_choice", ["none", "auto"], [("required", "invalid_value"), (3, "invalid_value")]),
+    ("user", ["", "a1b2c3"], [(5, "invalid_type"), (["bob"], "invalid_type")]),
+    ("stream", [False], [("true", "invalid_type"), (1, "invalid_type")]),
+]
+NUMBER_FIELDS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+INTEGER_FIELDS = ["top_k", "max_tokens", "seed"]
+
+ACCEPTED = [(field, value) for field, good, _ in RANGES for value in good]
+REJECTED = [(field, value, code) for field, _, bad in RANGES for value, code in bad]
+REJECTED += [(field, value, "invalid_type") for field in NUMBER_FIELDS for value in (True, "1", [1], {"a": 1})]
+REJECTED += [(field, value, "invalid_type") for field in INTEGER_FIELDS for value in (True, "1", 1.5)]
+
+
+def send(client: httpx.Client, body: bytes | dict[str, Any]) -> tuple[httpx.Response, str]:
+    request_id = str(uuid.uuid4())
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post(CHAT_PATH, content=content, headers={"x-request-id": request_id})
+    return response, request_id
+
+
+@pytest.mark.parametrize(("field", "value"), ACCEPTED)
+def test_values_in_range_reach_upstream_unchanged(
+    client: httpx.Client, upstream: ScriptedUpstream, field: str, value: Any
+) -> None:
+    raw = json.dumps(chat(**{field: value})).encode()
+    response, request_id = send(client, raw)
+    assert response.status_code == 200, response.text
+    (sent,) = upstream.find(request_id)
+    assert sent.body == raw
+
+
+@pytest.mark.parametrize(("field", "value", "code"), REJECTED)
+def test_values_out_of_range_or_of_the_wrong_type_are_400(
+    client: httpx.Client, upstream: ScriptedUpstream, field: str, value: Any, code: str
+) -> None:
+    response, request_id = send(client, chat(**{field: value}))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field
+    assert error["code"] == code
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(field)
+    assert upstream.find(request_id) == []
+
+
+def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -> None:
+    assert send(client, chat(temperature=2.5))[0].json() == {
+        "error": {
+            "message": "temperature must be ≤ 2, got 2.5",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "invalid_value",
+        }
+    }
+    assert send(client, chat(top_p=0))[0].json()["error"]["message"] == "top_p must be > 0, got 0"
+    assert send(client, chat(top_k=5.0))[0].json()["error"]["message"] == "top_k must be an integer, got number 5.0"
+
+
+def test_null_means_not_sent_and_is_passed_through(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+    raw = json.dumps(chat(temperature=None, seed=None, user=None, tool_choice=None, stream=None)).encode()
+    response, request_id = send(client, raw)
+    assert response.status_code == 200
+    assert upstream.find(request_id)[0].body == raw
+
+
+def test_unknown_fields_pass_through_and_no_defaults_are_added(
+    client: httpx.Client, upstream: ScriptedUpstream
+) -> None:
+    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100},\n' % (
+        MODEL.encode()
+    ) + b' "response_format": {"type": "json_object"}, "n": 1, "x_vendor": [1, 2.50, "\\u00e9"]}'
+    response, request_id = send(client, raw)
+    assert response.status_code == 200
+    assert upstream.find(request_id)[0].body == raw
+
+
+def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    error = send(client, chat(tool_choice=choice))[0].json()["error"]
+    assert error["param"] == "tool_choice" and error["code"] == "unsupported_value"
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        (None, "messages"),
+        ([], "messages"),
+        ("hello", "messages"),
+        ([{"role": "user", "content": "a"}, "b"], "messages[1]"),
+        ([{"role": "robot", "content": "a"}], "messages[0].role"),
+        ([{"content": "a"}], "messages[0].role"),
+        ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}], "messages[1].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "messages[0].content[0].type"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0].text"),
+        ([{"role": "user", "content": ["hi"]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}],
+         "messages[0].content[0].image_url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}],
+         "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}],
+         "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}]}],
+         "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://"}}]}],
+         "messages[0].content[0].image_url.url"),
+    ],
+)
+def test_message_grammar(client: httpx.Client, upstream: ScriptedUpstream, messages: Any, param: str) -> None:
+    response, request_id = send(client, {"model": MODEL, "messages": messages})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert upstream.find(request_id) == []
+
+
+def test_valid_conversations_pass(client: httpx.Client) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ", "detail": "low"}}
+    messages = [
+        {"role": "user", "content": "first"},
+        {"role": "system", "content": "be brief"},  # one system message, anywhere
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "tool", "content": "42", "tool_call_id": "1"},
+        {"role": "user", "content": [{"type": "text", "text": "and this?"}, image]},
+    ]
+    assert send(client, {"model": MODEL, "messages": messages})[0].status_code == 200
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [("gpt-4o", 404, "model_not_found"), (None, 400, None), (7, 400, None)])
+def test_model_must_be_one_the_gateway_serves(
+    client: httpx.Client, upstream: ScriptedUpstream, model: Any, status: int, code: str | None
+) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    if model is not None:
+        body["model"] = model
+    response, request_id = send(client, body)
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == "model"
+    if code:
+        assert response.json()["error"]["code"] == code
+    assert upstream.find(request_id) == []
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"[1, 2]", b'"text"', b"null", b"{\"a\": NaN}", b"\xff\xfe"])
+def test_bodies_that_are_not_a_json_object_are_400(client: httpx.Client, raw: bytes) -> None:
+    response, _ = send(client, raw)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_bodies_over_the_limit_are_413(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+    padding = "x" * MAX_BODY_BYTES
+    response, request_id = send(client, chat(padding))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert upstream.find(request_id) == []
+
+    def chunked() -> Any:  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "%s", "messages": [{"role": "user", "content": "' % MODEL.encode()
+        for _ in range(MAX_BODY_BYTES // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    response = client.post(CHAT_PATH, content=chunked())
+    assert response.status_code == 413
+
+
+def test_a_body_just_under_the_limit_is_accepted(client: httpx.Client) -> None:
+    body = chat("")
+    overhead = len(json.dumps(body).encode())
+    response, _ = send(client, chat("y" * (MAX_BODY_BYTES - overhead)))
+    assert response.status_code == 200
