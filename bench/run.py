@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import shutil
@@ -39,6 +40,11 @@ CHAT_PATH = "/v1/openai/chat/completions"
 WARMUP_S = 1
 SSE_CONCURRENCY = 32
 SSE_TOTAL = 640
+PROBE_BODY = json.dumps(
+    {"model": fake_upstream.MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+).encode()
+PROBE_HEADERS = sse_client.HEADERS
+PACKAGES = ("gateway", "aiohttp", "fastapi", "uvicorn", "uvloop", "httptools", "orjson")
 
 
 class BenchError(RuntimeError):
@@ -49,15 +55,15 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally blocks run and clean up
     duration = 2 if args.quick else args.duration
-    meta = run_meta(duration, args.quick)
-    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        workdir = Path(tmp)
-        try:
-            with nginx(workdir) as nginx_url:
-                results = {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
-        except (BenchError, processes.StartFailed) as error:
-            print(f"benchmark could not run: {error}", file=sys.stderr)
-            return 2
+    try:
+        meta = run_meta(duration, args.quick)
+        results = run_all(duration)
+    except (BenchError, processes.StartFailed) as error:
+        print(f"benchmark could not run: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; every process started was stopped", file=sys.stderr)
+        return 130
     meta["load_average_after"] = os.getloadavg()
     full = report.build(results, meta)
     print("\n" + report.format_text(full))
@@ -67,11 +73,21 @@ def main() -> int:
     return 0 if full["valid"] else 1
 
 
+def run_all(duration: int) -> dict[str, dict[str, Any]]:
+    """Every case of every system, against one nginx that lives for the whole run."""
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        workdir = Path(tmp)
+        with nginx(workdir) as nginx_url:
+            return {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark: nginx directly, the gateway, the minimal proxy.")
     parser.add_argument("--duration", type=int, default=8, help="seconds per case (default 8)")
     parser.add_argument("--quick", action="store_true", help="2 s per case: a smoke check")
-    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json", help="result file")
+    parser.add_argument(
+        "--json", type=Path, default=BENCH_DIR / "results" / "latest.json", help="result file"
+    )
     return parser.parse_args()
 
 
@@ -158,10 +174,6 @@ def probe(url: str) -> None:
         raise BenchError(f"probe POST {url}: HTTP {status}, unexpected body {body[:300]!r}")
 
 
-PROBE_BODY = json.dumps({"model": fake_upstream.MODEL, "messages": [{"role": "user", "content": "Hello!"}]})
-PROBE_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-
-
 def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
     """Run wrk with post.lua and return the numbers from its `BENCH {...}` line, plus req/s."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
@@ -179,12 +191,13 @@ def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
 def show(system: str, case: str, result: dict[str, Any]) -> dict[str, Any]:
     """Print one progress line for a finished case; return the result unchanged."""
     if "latency_us" in result:
-        latency = result["latency_us"]
+        p50, p99 = result["latency_us"]["p50"] / 1000, result["latency_us"]["p99"] / 1000
         errors = sum(result["errors"].values())
-        figures = f"{result['rps']:,.0f} req/s  p50 {latency['p50'] / 1000:.2f} ms  p99 {latency['p99'] / 1000:.2f} ms"
+        figures = f"{result['rps']:,.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
     else:
+        ttfb, total = result["ttfb_ms"]["p50"], result["total_ms"]["p50"]
         errors = sum(result["failures"].values()) + sum(result["warmup_failures"].values())
-        figures = f"{result['ok']} streams  TTFB p50 {result['ttfb_ms']['p50']} ms  total p50 {result['total_ms']['p50']} ms"
+        figures = f"{result['ok']} streams  TTFB p50 {ttfb} ms  total p50 {total} ms"
     print(f"{system:<8} {case:<12} {figures}  errors {errors}", flush=True)
     return result
 
@@ -201,7 +214,10 @@ def run_meta(duration: int, quick: bool) -> dict[str, Any]:
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]).splitlines()[0],
         "git_commit": _version(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(_version(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "gateway"])),
+        "gateway_uncommitted_changes": bool(
+            _version(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "gateway"])
+        ),
+        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
         "sse": {"concurrency": SSE_CONCURRENCY, "max_streams": SSE_TOTAL},
     }
 

@@ -13,16 +13,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.asgi import REQUEST_ID_HEADER, Message, Receive, Scope, Send, request_id_for
+from gateway.asgi import (
+    REQUEST_ID_HEADER,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_headers,
+    request_id_for,
+    send_error,
+)
 from gateway.auth import KeyStore
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
 from gateway.relay import Upstream
 from gateway.simulator import RunningSimulator, start_simulator
 
@@ -33,18 +42,35 @@ SIMULATOR_TOKEN = "simulator"  # not a secret: what the gateway sends its own si
 
 
 class GatewayApp:
-    """Sends the two chat completions paths to the hot-path handler and the rest to FastAPI."""
+    """Sends the two chat completions paths to the hot-path handler and the rest to FastAPI.
 
-    def __init__(self, chat: ChatCompletions, api: FastAPI) -> None:
+    Routes outside OPEN_PATHS need a gateway key; the check is here, once, for every route
+    FastAPI serves, so that no route can be added without it. (The chat handler checks keys
+    itself, as the first step of its pipeline.)
+    """
+
+    def __init__(self, chat: ChatCompletions, api: FastAPI, keys: KeyStore) -> None:
         self.chat = chat
         self.api = api
         self._api_with_request_id = RequestIdMiddleware(api)
+        self._keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
             await self.chat(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            await self._authenticated(scope, receive, send)
         else:
             await self._api_with_request_id(scope, receive, send)
+
+    async def _authenticated(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = read_headers(scope)
+        try:
+            self._keys.authenticate(headers.authorization)
+        except Unauthorized as error:
+            await send_error(send, error, request_id_for(headers.request_id))
+            return
+        await self._api_with_request_id(scope, receive, send)
 
 
 class RequestIdMiddleware:
@@ -90,9 +116,9 @@ def create_app(config: Config) -> GatewayApp:
 
     api = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(api)
-    api.include_router(_open_routes(config, upstream))
-    api.include_router(_caller_routes(config, keys))
-    return GatewayApp(chat, api)
+    _add_health_routes(api, config, upstream)
+    _add_model_routes(api, config)
+    return GatewayApp(chat, api, keys)
 
 
 def _announce_simulator(config: Config, simulator: RunningSimulator) -> None:
@@ -109,14 +135,12 @@ def _announce_simulator(config: Config, simulator: RunningSimulator) -> None:
     )
 
 
-def _open_routes(config: Config, upstream: Upstream) -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/healthz")
+def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream) -> None:
+    @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz")
+    @api.get("/readyz")
     async def readyz() -> JSONResponse:
         ready = upstream.started
         upstream_kind = "simulator" if config.uses_simulator else "configured"
@@ -125,15 +149,8 @@ def _open_routes(config: Config, upstream: Upstream) -> APIRouter:
             status_code=200 if ready else 503,
         )
 
-    return router
 
-
-def _caller_routes(config: Config, keys: KeyStore) -> APIRouter:
-    def authenticate(request: Request) -> str:
-        authorization = request.headers.get("authorization")
-        return keys.authenticate(authorization.encode("latin-1") if authorization is not None else None)
-
-    router = APIRouter(dependencies=[Depends(authenticate)])
+def _add_model_routes(api: FastAPI, config: Config) -> None:
     models = {
         "object": "list",
         "data": [
@@ -142,12 +159,10 @@ def _caller_routes(config: Config, keys: KeyStore) -> APIRouter:
         ],
     }
 
-    @router.get("/v1/openai/models")
-    @router.get("/v1/models")
+    @api.get("/v1/openai/models")
+    @api.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return models
-
-    return router
 
 
 def _add_error_handlers(api: FastAPI) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 import sys
 
 import click
 import uvicorn
-from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import CONFIG_ENV, Config, ConfigError, SimulatorConfig, load_config
-from gateway.simulator import create_simulator_app
+from gateway.simulator import start_simulator
 
 config_option = click.option(
     "--config",
@@ -107,10 +107,18 @@ def simulate(
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    app = create_simulator_app(settings, Config().models)
-    click.echo(f"simulator: serving http://{host}:{port}/v1/openai/chat/completions", err=True)
-    asyncio.set_event_loop_policy(None)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    asyncio.run(_run_simulator(settings, host, port))
+
+
+async def _run_simulator(settings: SimulatorConfig, host: str, port: int) -> None:
+    simulator = await start_simulator(settings, Config().models, host, port)
+    click.echo(f"simulator: serving {simulator.base_url}/chat/completions (Ctrl-C stops)", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await simulator.stop()
 
 
 def _load(config_path: str | None) -> Config:

@@ -33,7 +33,9 @@ COMPLETION: dict[str, Any] = {
 COMPLETION_BYTES = orjson.dumps(COMPLETION).replace(b'":', b'": ').replace(b',"', b', "')
 
 
-def chunk(content: str | None, *, finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
+def chunk(
+    content: str | None, *, finish: str | None = None, usage: Any = None, choices: bool = True
+) -> bytes:
     delta: dict[str, Any] = {} if content is None else {"content": content}
     event: dict[str, Any] = {
         "id": "Rc5hsIPHOSfMP3rNSFUw9tfR",
@@ -117,11 +119,15 @@ async def _rate_limited(upstream: ScriptedUpstream, request: UpstreamRequest, co
     await connection.json(429, body, {"Retry-After": "7"})
 
 
-async def _server_error_json(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
+async def _server_error_json(
+    upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection
+) -> None:
     await connection.json(500, b'{"error": {"message": "model crashed", "type": "server_error"}}')
 
 
-async def _server_error_html(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
+async def _server_error_html(
+    upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection
+) -> None:
     await connection.plain(503, b"<html>Service Unavailable</html>", "text/html")
 
 

@@ -123,7 +123,9 @@ class Connection:
     async def json(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         await self.plain(status, body, "application/json", headers)
 
-    async def plain(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    async def plain(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         head = {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}
         await self.raw(_head(status, head) + body)
 

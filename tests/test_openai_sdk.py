@@ -24,7 +24,9 @@ def sync_client(gateway: GatewayProcess, key: str = CALLER_KEY, suffix: str = "/
 
 
 def async_client(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + "/v1/openai", api_key=CALLER_KEY, max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(
+        base_url=gateway.url + "/v1/openai", api_key=CALLER_KEY, max_retries=0, timeout=10
+    )
 
 
 def test_sync_completion_from_the_simulator(sim_gateway: GatewayProcess) -> None:
@@ -156,4 +158,3 @@ def test_request_id_is_echoed_and_forwarded(gateway: GatewayProcess, upstream: S
     new_id = fresh.headers["x-request-id"]
     assert new_id and new_id != request_id
     assert len(upstream.find(new_id)) == 1
-

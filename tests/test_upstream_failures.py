@@ -69,7 +69,9 @@ def unreachable_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ga
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = gateway_config(f"http://127.0.0.1:{port}/v1/openai")
-    process = GatewayProcess(config, tmp_path_factory.mktemp("unreachable"), {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN})
+    process = GatewayProcess(
+        config, tmp_path_factory.mktemp("unreachable"), {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}
+    )
     yield process.start()
     process.stop()
 
@@ -102,7 +104,9 @@ def test_no_secret_in_any_error_response_or_log_line(
     gateway: GatewayProcess, unreachable_gateway: GatewayProcess, tmp_path: Path
 ) -> None:
     seen: list[bytes] = []
-    bodies = [chat(f"scenario:{name}") for name in ("rate_limited", "server_error_html", "garbage", "drop", "stall")]
+    bodies = [
+        chat(f"scenario:{name}") for name in ("rate_limited", "server_error_html", "garbage", "drop", "stall")
+    ]
     bodies += [chat(f"scenario:{name}", stream=True) for name in ("stream_cut", "stream_stall")]
     bodies += [chat(temperature=9), {"model": "x"}, chat(model="nope")]
     for url in (gateway.url, unreachable_gateway.url):

@@ -20,25 +20,46 @@ CHAT_PATH = "/v1/openai/chat/completions"
 
 # field, accepted values, rejected values (each with the error code expected)
 RANGES: list[tuple[str, list[Any], list[tuple[Any, str]]]] = [
-    ("temperature", [0, 0.0, 1, 2, 2.0], [(-0.0001, "invalid_value"), (2.0001, "invalid_value"), (3, "invalid_value")]),
+    (
+        "temperature",
+        [0, 0.0, 1, 2, 2.0],
+        [(-0.0001, "invalid_value"), (2.0001, "invalid_value"), (3, "invalid_value")],
+    ),
     ("top_p", [0.0001, 1, 1.0], [(0, "invalid_value"), (0.0, "invalid_value"), (1.0001, "invalid_value")]),
     ("min_p", [0, 1, 0.5], [(-0.01, "invalid_value"), (1.01, "invalid_value")]),
     ("top_k", [0, 999], [(-1, "invalid_value"), (1000, "invalid_value"), (5.0, "invalid_type")]),
-    ("max_tokens", [0, 1_000_000], [(-1, "invalid_value"), (1_000_001, "invalid_value"), (10.0, "invalid_type")]),
+    (
+        "max_tokens",
+        [0, 1_000_000],
+        [(-1, "invalid_value"), (1_000_001, "invalid_value"), (10.0, "invalid_type")],
+    ),
     ("presence_penalty", [-2, 2, 0], [(-2.01, "invalid_value"), (2.01, "invalid_value")]),
     ("frequency_penalty", [-2, 2.0], [(-2.5, "invalid_value"), (2.5, "invalid_value")]),
-    ("repetition_penalty", [0.01, 5, 1], [(0.0099, "invalid_value"), (5.01, "invalid_value"), (0, "invalid_value")]),
+    (
+        "repetition_penalty",
+        [0.01, 5, 1],
+        [(0.0099, "invalid_value"), (5.01, "invalid_value"), (0, "invalid_value")],
+    ),
     ("seed", [0, 2**63 - 1], [(-1, "invalid_value"), (2**63, "invalid_value"), (1.0, "invalid_type")]),
     ("tool_choice", ["none", "auto"], [("required", "invalid_value"), (3, "invalid_value")]),
     ("user", ["", "a1b2c3"], [(5, "invalid_type"), (["bob"], "invalid_type")]),
     ("stream", [False], [("true", "invalid_type"), (1, "invalid_type")]),
 ]
-NUMBER_FIELDS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+NUMBER_FIELDS = [
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+]
 INTEGER_FIELDS = ["top_k", "max_tokens", "seed"]
 
 ACCEPTED = [(field, value) for field, good, _ in RANGES for value in good]
 REJECTED = [(field, value, code) for field, _, bad in RANGES for value, code in bad]
-REJECTED += [(field, value, "invalid_type") for field in NUMBER_FIELDS for value in (True, "1", [1], {"a": 1})]
+REJECTED += [
+    (field, value, "invalid_type") for field in NUMBER_FIELDS for value in (True, "1", [1], {"a": 1})
+]
 REJECTED += [(field, value, "invalid_type") for field in INTEGER_FIELDS for value in (True, "1", 1.5)]
 
 
@@ -84,7 +105,10 @@ def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -
         }
     }
     assert send(client, chat(top_p=0))[0].json()["error"]["message"] == "top_p must be > 0, got 0"
-    assert send(client, chat(top_k=5.0))[0].json()["error"]["message"] == "top_k must be an integer, got number 5.0"
+    assert (
+        send(client, chat(top_k=5.0))[0].json()["error"]["message"]
+        == "top_k must be an integer, got number 5.0"
+    )
 
 
 def test_null_means_not_sent_and_is_passed_through(client: httpx.Client, upstream: ScriptedUpstream) -> None:
@@ -97,9 +121,11 @@ def test_null_means_not_sent_and_is_passed_through(client: httpx.Client, upstrea
 def test_unknown_fields_pass_through_and_no_defaults_are_added(
     client: httpx.Client, upstream: ScriptedUpstream
 ) -> None:
-    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100},\n' % (
-        MODEL.encode()
-    ) + b' "response_format": {"type": "json_object"}, "n": 1, "x_vendor": [1, 2.50, "\\u00e9"]}'
+    raw = (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100},\n'
+        % (MODEL.encode())
+        + b' "response_format": {"type": "json_object"}, "n": 1, "x_vendor": [1, 2.50, "\\u00e9"]}'
+    )
     response, request_id = send(client, raw)
     assert response.status_code == 200
     assert upstream.find(request_id)[0].body == raw
@@ -126,16 +152,36 @@ def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> N
         ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "messages[0].content[0].type"),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0].text"),
         ([{"role": "user", "content": ["hi"]}], "messages[0].content[0]"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}],
-         "messages[0].content[0].image_url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}],
-         "messages[0].content[0].image_url.url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}],
-         "messages[0].content[0].image_url.url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}]}],
-         "messages[0].content[0].image_url.url"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://"}}]}],
-         "messages[0].content[0].image_url.url"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}],
+            "messages[0].content[0].image_url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}],
+                }
+            ],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}],
+                }
+            ],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://"}}]}],
+            "messages[0].content[0].image_url.url",
+        ),
     ],
 )
 def test_message_grammar(client: httpx.Client, upstream: ScriptedUpstream, messages: Any, param: str) -> None:
@@ -157,7 +203,9 @@ def test_valid_conversations_pass(client: httpx.Client) -> None:
     assert send(client, {"model": MODEL, "messages": messages})[0].status_code == 200
 
 
-@pytest.mark.parametrize(("model", "status", "code"), [("gpt-4o", 404, "model_not_found"), (None, 400, None), (7, 400, None)])
+@pytest.mark.parametrize(
+    ("model", "status", "code"), [("gpt-4o", 404, "model_not_found"), (None, 400, None), (7, 400, None)]
+)
 def test_model_must_be_one_the_gateway_serves(
     client: httpx.Client, upstream: ScriptedUpstream, model: Any, status: int, code: str | None
 ) -> None:
@@ -172,7 +220,9 @@ def test_model_must_be_one_the_gateway_serves(
     assert upstream.find(request_id) == []
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"[1, 2]", b'"text"', b"null", b"{\"a\": NaN}", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"not json", b"[1, 2]", b'"text"', b"null", b'{"a": NaN}', b"\xff\xfe"]
+)
 def test_bodies_that_are_not_a_json_object_are_400(client: httpx.Client, raw: bytes) -> None:
     response, _ = send(client, raw)
     assert response.status_code == 400

@@ -1,0 +1,132 @@
+"""The `gateway` command: config errors stop `serve` at once naming the key; `simulate` serves."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_config, parse_config
+from tests.servers import MODEL
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.yaml"
+
+
+def serve_with(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)], env=env or {})
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("server:\n  prot: 8000\n", "server.prot: unknown key"),
+        ("bogus: 1\n", "bogus: unknown key"),
+        ("upstream:\n  read_timeout_s: soon\n", "upstream.read_timeout_s"),
+        ("upstream:\n  connect_timeout_s: -1\n", "upstream.connect_timeout_s"),
+        ("upstream:\n  base_url: api.deepinfra.com\n", "upstream.base_url"),
+        ("server:\n  max_body_bytes: [1]\n", "server.max_body_bytes"),
+        ("models: []\n", "models"),
+        ("models:\n  - name: m\n    input_usd_per_mtok: 1\n", "models[0].output_usd_per_mtok"),
+        ("auth:\n  keys:\n    - name: a\n", "auth.keys[0]"),
+        ("auth:\n  keys:\n    - {name: a, key: k1}\n    - {name: a, key: k2}\n", "auth.keys"),
+        ("auth:\n  keys:\n    - {name: a, key_env: NOT_SET_ANYWHERE}\n", "auth.keys[0].key_env"),
+        ("auth:\n  keys:\n    - {name: a, key_sha256: abc}\n", "auth.keys[0]"),
+        ("upstream:\n  require_token: true\n", "upstream.token_env"),
+        ("secrets: {}\n", "secrets: unknown key"),
+        ("- just\n- a list\n", "mapping"),
+        ("server: [\n", "not valid YAML"),
+    ],
+)
+def test_config_errors_stop_serve_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    code, output = serve_with(tmp_path, text)
+    assert code == 2
+    assert named in output
+    assert "Uvicorn running" not in output
+
+
+def test_config_errors_never_echo_a_key(tmp_path: Path) -> None:
+    code, output = serve_with(tmp_path, "auth:\n  keys:\n    - {name: a, key: [sk-gw-secret-value]}\n")
+    assert code == 2 and "auth.keys[0].key" in output
+    assert "sk-gw-secret-value" not in output
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve"], env={"GATEWAY_CONFIG": ""})
+    assert result.exit_code == 2 and "--config" in result.output
+    result = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 2 and "cannot read config file" in result.output
+
+
+def test_the_example_config_is_valid_and_documents_the_defaults() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert config.uses_simulator
+    assert config.upstream.base_url == "https://api.deepinfra.com/v1/openai"
+    assert config.upstream.read_timeout_s == 600 and config.server.max_body_bytes == 20_971_520
+    assert config.models[0].input_usd_per_mtok == Decimal("0.049")
+    # Every key of the typed config appears in the example file.
+    text = EXAMPLE.read_text()
+    for section_name, section in parse_config("{}", {}).model_dump(exclude={"models", "auth"}).items():
+        assert f"\n{section_name}:" in text
+        for key in section:
+            assert re.search(rf"^\s+{key}:", text, re.MULTILINE), f"{section_name}.{key} is not documented"
+
+
+def test_config_from_env_var_and_token_from_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream:\n  token_env: MY_TOKEN\n  require_token: true\n")
+    config = load_config(None, environ={"GATEWAY_CONFIG": str(path), "MY_TOKEN": "sk-upstream-xyzzy"})
+    assert not config.uses_simulator
+    assert config.secrets.upstream_token is not None
+    assert "sk-upstream-xyzzy" not in repr(config)
+    with pytest.raises(ConfigError, match="MY_TOKEN is not set"):
+        load_config(path, environ={})
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[str]:
+    command = [sys.executable, "-m", "gateway", "simulate", "--port", "0", "--latency-ms", "0",
+               "--tokens-per-s", "0", "--reply-tokens", "5", "--usage-style", "openai"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    url = ""
+    for line in process.stderr:
+        if (match := re.search(r"http://127\.0\.0\.1:(\d+)", line)) and match.group(1) != "0":
+            url = f"http://127.0.0.1:{match.group(1)}/v1/openai"
+            break
+    yield url
+    process.terminate()
+    process.wait(10)
+    process.stderr.close()
+
+
+def test_simulate_serves_deepinfra_shaped_answers(simulator: str) -> None:
+    client = openai.OpenAI(base_url=simulator, api_key="anything", max_retries=0)
+    completion = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    assert completion.usage.model_extra is not None and completion.usage.model_extra["estimated_cost"] > 0
+
+    plain = list(
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True)
+    )
+    assert all(chunk.usage is None for chunk in plain)  # openai style: usage only when asked
+    asked = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert asked[-1].choices == [] and asked[-1].usage is not None
+    assert asked[-1].usage.completion_tokens == 5
