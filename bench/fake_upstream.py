@@ -23,7 +23,6 @@ STREAM_EVENTS = 32
 STREAM_GAP_S = 0.002
 SLOW_DELAY_S = 0.05
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
-PREFIXES = ("instant", "slow", "sse")
 
 _WORDS = "Hello there, this is a fixed reply from the fake upstream used by the gateway benchmark.".split()
 

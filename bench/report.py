@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SYSTEMS = ("direct", "gateway", "minimal")
+SYSTEMS = ("direct", "gateway", "minimal", "minimal_httpx")
 LATENCY_KEYS = ("p50_c1", "p99_c1", "p50_c32", "p99_c32")
 COLUMNS = (
     ("rps_c32", "req/s@32", "{:,.0f}"),
@@ -31,7 +31,7 @@ LEGEND = (
 Row = dict[str, Any]
 
 
-def build(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def build(results: dict[str, dict[str, Any]], meta: dict[str, Any], logs: dict[str, str]) -> dict[str, Any]:
     """The whole report as plain data (what goes into the JSON file)."""
     rows = {system: row(results.get(system, {})) for system in SYSTEMS}
     errors = error_list(results)
@@ -44,6 +44,7 @@ def build(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str,
         "derived": derived,
         "targets": targets(derived),
         "cases": results,
+        "process_output": logs,
     }
 
 
@@ -109,6 +110,8 @@ def derive(rows: dict[str, Row]) -> dict[str, Any]:
             "p99": _ratio(gateway_added["p99_c32"], minimal_added["p99_c32"]),
         },
         "throughput_gateway_over_minimal": _ratio(gateway["rps_c32"], minimal["rps_c32"]),
+        # Why the gateway's upstream client is aiohttp's: the same minimal proxy on each client.
+        "throughput_minimal_aiohttp_over_httpx": _ratio(minimal["rps_c32"], rows["minimal_httpx"]["rps_c32"]),
         "sse_ttfb_over_direct_ms": {
             name: {pct: _minus(r[f"ttfb_{pct}"], direct[f"ttfb_{pct}"]) for pct in ("p50", "p99")}
             for name, r in (("gateway", gateway), ("minimal", minimal))
@@ -167,6 +170,11 @@ def format_text(report: dict[str, Any]) -> str:
         _target_lines(report["targets"]),
         _verdict_lines(report),
     ]
+    if report["process_output"]:
+        names = ", ".join(report["process_output"])
+        sections.append(
+            [f"the servers wrote output (warnings, errors; see process_output in the JSON): {names}"]
+        )
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -194,6 +202,8 @@ def _derived_lines(derived: dict[str, Any]) -> list[str]:
         f"gateway added / minimal added at 32 conns:        {pair(ratio, '{:.2f}')}",
         f"throughput gateway / minimal at 32 conns, 0 ms:  "
         f"{_fmt(derived['throughput_gateway_over_minimal'], '{:.2f}')}",
+        f"throughput minimal on aiohttp / on stock httpx:  "
+        f"{_fmt(derived['throughput_minimal_aiohttp_over_httpx'], '{:.2f}')}",
         f"SSE TTFB over direct, ms:   gateway {pair(ttfb['gateway'], '{:+.2f}')}"
         f"   minimal {pair(ttfb['minimal'], '{:+.2f}')}",
         f"SSE stream time over direct, %:  gateway {pair(total['gateway'], '{:+.1f}')}"

@@ -13,7 +13,6 @@ Exit status: 0 for a valid run, 1 if any case had errors, 2 if the run could not
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
 import os
@@ -39,7 +38,7 @@ REPO_DIR = BENCH_DIR.parent
 CHAT_PATH = "/v1/openai/chat/completions"
 WARMUP_S = 1
 SSE_CONCURRENCY = 32
-SSE_TOTAL = 640
+SSE_TOTAL = 1000
 PROBE_BODY = json.dumps(
     {"model": fake_upstream.MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 ).encode()
@@ -56,8 +55,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally blocks run and clean up
     duration = 2 if args.quick else args.duration
     try:
+        require_tools()
         meta = run_meta(duration, args.quick)
-        results = run_all(duration)
+        results, logs = run_all(duration)
     except (BenchError, processes.StartFailed) as error:
         print(f"benchmark could not run: {error}", file=sys.stderr)
         return 2
@@ -65,7 +65,7 @@ def main() -> int:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
     meta["load_average_after"] = os.getloadavg()
-    full = report.build(results, meta)
+    full = report.build(results, meta, logs)
     print("\n" + report.format_text(full))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(full, indent=2) + "\n")
@@ -73,12 +73,28 @@ def main() -> int:
     return 0 if full["valid"] else 1
 
 
-def run_all(duration: int) -> dict[str, dict[str, Any]]:
-    """Every case of every system, against one nginx that lives for the whole run."""
+def run_all(duration: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every case of every system, against one nginx that lives for the whole run; and the logs."""
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
-        with nginx(workdir) as nginx_url:
-            return {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
+        try:
+            with nginx(workdir) as nginx_url:
+                results = {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
+        finally:
+            logs = collect_logs(workdir)
+            for name, text in logs.items():
+                print(f"--- output of {name} ---\n{text}", file=sys.stderr)
+    return results, logs
+
+
+def collect_logs(workdir: Path, lines: int = 40) -> dict[str, str]:
+    """The last lines of every process log that is not empty (the servers run at log level warning)."""
+    logs = {}
+    for path in sorted(workdir.glob("*.log")):
+        text = path.read_text(errors="replace").strip()
+        if text:
+            logs[path.stem] = "\n".join(text.splitlines()[-lines:])
+    return logs
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,18 +127,18 @@ def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[s
     """All cases of one system; a system that fails is recorded as failed and the run goes on."""
     cases: dict[str, Any] = {}
     try:
-        with serve(system, f"{nginx_url}/instant/v1/openai", workdir) as url:
+        with serve(system, "instant", nginx_url, workdir) as url:
             probe(url)
             cases["warmup_instant"] = wrk(url, 32, WARMUP_S)
             cases["instant_c32"] = show(system, "instant_c32", wrk(url, 32, duration))
-        with serve(system, f"{nginx_url}/slow/v1/openai", workdir) as url:
+        with serve(system, "slow", nginx_url, workdir) as url:
             probe(url)
             cases["warmup_slow"] = wrk(url, 32, WARMUP_S)
             cases["slow_c1"] = show(system, "slow_c1", wrk(url, 1, duration))
             cases["slow_c32"] = show(system, "slow_c32", wrk(url, 32, duration))
-        with serve(system, f"{nginx_url}/sse/v1/openai", workdir) as url:
-            streams = sse_client.run_streams(url, SSE_CONCURRENCY, SSE_TOTAL, duration)
-            cases["sse_c32"] = show(system, "sse_c32", asyncio.run(streams))
+        with serve(system, "sse", nginx_url, workdir) as url:
+            streams = sse_client.run(url, SSE_CONCURRENCY, SSE_TOTAL, duration)
+            cases["sse_c32"] = show(system, "sse_c32", streams)
     except (BenchError, processes.StartFailed) as error:
         print(f"{system}: FAILED: {error}", file=sys.stderr)
         return {**cases, "failed": str(error)}
@@ -130,13 +146,13 @@ def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[s
 
 
 @contextmanager
-def serve(system: str, upstream_base: str, workdir: Path) -> Iterator[str]:
-    """Run `system` in front of `upstream_base`; yield its chat completions URL."""
+def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[str]:
+    """Run `system` in front of nginx's `kind` location (instant, slow, sse); yield its chat URL."""
+    upstream_base = f"{nginx_url}/{kind}/v1/openai"
     if system == "direct":
         yield upstream_base + "/chat/completions"
         return
     port = processes.free_port()
-    kind = upstream_base.split("/")[3]  # instant | slow | sse
     log = workdir / f"{system}-{kind}.log"
     if system == "gateway":
         argv = gateway_argv(upstream_base, port, workdir / f"gateway-{kind}.yaml", workdir)
@@ -144,6 +160,7 @@ def serve(system: str, upstream_base: str, workdir: Path) -> Iterator[str]:
     else:
         argv = [sys.executable, str(BENCH_DIR / "minimal_proxy.py"), "--port", str(port)]
         argv += ["--upstream", upstream_base + "/chat/completions"]
+        argv += ["--client", "httpx" if system == "minimal_httpx" else "aiohttp"]
         env = None
     with processes.running(argv, f"http://127.0.0.1:{port}/healthz", log, env=env, cwd=workdir):
         yield f"http://127.0.0.1:{port}{CHAT_PATH}"
@@ -202,6 +219,15 @@ def show(system: str, case: str, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def require_tools() -> None:
+    """nginx, its echo module and wrk must be installed (Debian: nginx libnginx-mod-http-echo wrk)."""
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if not Path(fake_upstream.ECHO_MODULE).exists():
+        missing.append(fake_upstream.ECHO_MODULE)
+    if missing:
+        raise BenchError(f"not installed: {', '.join(missing)}")
+
+
 def run_meta(duration: int, quick: bool) -> dict[str, Any]:
     """When, where and with what this run was made."""
     return {
@@ -211,20 +237,21 @@ def run_meta(duration: int, quick: bool) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(),
         "python": sys.version.split()[0],
-        "nginx": _version(["nginx", "-v"]),
-        "wrk": _version(["wrk", "-v"]).splitlines()[0],
-        "git_commit": _version(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"]),
+        "nginx": _output(["nginx", "-v"]),
+        "wrk": _output(["wrk", "-v"]).split("\n")[0],
+        "git_commit": _output(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"]),
         "gateway_uncommitted_changes": bool(
-            _version(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "gateway"])
+            _output(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", "gateway"])
         ),
         "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
         "sse": {"concurrency": SSE_CONCURRENCY, "max_streams": SSE_TOTAL},
     }
 
 
-def _version(argv: list[str]) -> str:
+def _output(argv: list[str]) -> str:
+    """What a command prints (stdout and stderr), or "" if it is not there."""
     if shutil.which(argv[0]) is None:
-        raise BenchError(f"{argv[0]} is not installed")
+        return ""
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     return (done.stdout + done.stderr).strip()
 

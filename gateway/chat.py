@@ -6,12 +6,16 @@ routing and dependency machinery would cost more than everything else the gatewa
 
 from __future__ import annotations
 
+import logging
+
 from gateway.asgi import ClientGone, Receive, Scope, Send, read_body, read_headers, request_id_for, send_error
 from gateway.auth import KeyStore
 from gateway.config import Config, ModelConfig
 from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.relay import Upstream, relay_completion, relay_stream
 from gateway.validate import validate_chat_request
+
+logger = logging.getLogger("gateway.chat")
 
 CHAT_PATHS = frozenset({"/v1/openai/chat/completions", "/v1/chat/completions"})
 
@@ -40,3 +44,8 @@ class ChatCompletions:
             await send_error(send, error, request_id)
         except ClientGone:
             return
+        except Exception:
+            # A bug, not a request problem: log it, and answer in OpenAI's shape if nothing was sent yet
+            # (if a response had started, send_error raises and the server closes the connection).
+            logger.exception("unexpected error in chat completions (request %s)", request_id.decode())
+            await send_error(send, GatewayError("The gateway failed to handle this request."), request_id)
