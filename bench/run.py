@@ -1,6 +1,6 @@
 """The benchmark in one command: nginx as a fake upstream; direct, gateway and minimal proxy side by side.
 
-    /tmp/venv/bin/python bench/run.py [--duration 8] [--quick] [--json bench/results/latest.json]
+    bench/run.sh [--duration 8] [--quick] [--json bench/results/latest.json]
 
 Starts nginx (see `fake_upstream.py`), then measures, one system at a time: nginx directly, the
 gateway (one worker) and the minimal FastAPI + aiohttp proxy (`minimal_proxy.py`). A proxied system

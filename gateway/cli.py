@@ -54,6 +54,7 @@ def serve(config_path: str | None, host: str | None, port: int | None) -> None:
             access_log=config.server.access_log,
             timeout_graceful_shutdown=math.ceil(config.server.shutdown_grace_s),
             server_header=False,
+            proxy_headers=False,  # the gateway reads no client address: skip the per-request middleware
         )
     )
     server.run()
