@@ -6,10 +6,15 @@ until the moment a number is written into a JSON answer for the caller.
 
 from __future__ import annotations
 
-from decimal import Decimal
-from typing import Any
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Protocol, TypeGuard
 
 from gateway.config import ModelConfig
+from gateway.ledger.store import NANOS_PER_USD, LedgerRow
 
 MILLION = Decimal(1_000_000)
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for Llama-family tokenizers on English text
@@ -50,3 +55,103 @@ def completion_text(payload: dict[str, Any]) -> str:
         if isinstance(content, str):
             texts.append(content)
     return "".join(texts)
+
+
+def nanos(usd_amount: Decimal) -> int:
+    """USD as whole nano-dollars (half-even: a price table with sub-nano prices rounds fairly)."""
+    return int((usd_amount * NANOS_PER_USD).to_integral_value(ROUND_HALF_EVEN))
+
+
+def upstream_cost_nanos(estimated_cost: Any) -> int | None:
+    """Upstream's `estimated_cost` (a JSON number, read as float) in nano-dollars, exactly as written.
+
+    `repr` of a float is the shortest text that reads back as it, which is the upstream's own
+    literal for any number it wrote with up to 15 significant digits (0.0000268 -> "2.68e-05").
+    """
+    if isinstance(estimated_cost, bool) or not isinstance(estimated_cost, int | float):
+        return None
+    if isinstance(estimated_cost, float) and not math.isfinite(estimated_cost):
+        return None
+    return nanos(Decimal(repr(estimated_cost)))
+
+
+@dataclass(slots=True)
+class Booking:
+    """What the pipeline learned about one request, made into its ledger row when it ends."""
+
+    request_id: str
+    key_name: str
+    started: float = field(default_factory=time.monotonic)
+    wall_us: int = field(default_factory=lambda: time.time_ns() // 1000)
+    body: dict[str, Any] | None = None
+    model: ModelConfig | None = None
+
+    def row(self, result: Outcome) -> LedgerRow:
+        prompt, completion, total, usage_source = self._tokens(result)
+        cost, cost_source = self._cost(result, usage_source, prompt, completion)
+        body = self.body or {}
+        user, model = body.get("user"), body.get("model")
+        finished = time.monotonic()
+        return LedgerRow(
+            row_id=uuid.uuid4().hex,
+            request_id=self.request_id,
+            ts_us=self.wall_us,
+            day=time.strftime("%Y-%m-%d", time.gmtime(self.wall_us / 1_000_000)),
+            key_name=self.key_name,
+            user=user if isinstance(user, str) else None,
+            model=model if isinstance(model, str) else None,
+            stream=body.get("stream") is True,
+            outcome=result.outcome,
+            status=result.status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cost_nanos=cost,
+            usage_source=usage_source,
+            cost_source=cost_source,
+            latency_us=int((finished - self.started) * 1_000_000),
+            ttfb_us=None
+            if result.first_byte_at is None
+            else int((result.first_byte_at - self.started) * 1_000_000),
+            service_tier=result.service_tier if isinstance(result.service_tier, str) else None,
+        )
+
+    def _tokens(self, result: Outcome) -> tuple[int, int, int, str]:
+        usage = result.usage
+        if usage is not None:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if _is_count(prompt) and _is_count(completion):
+                total = usage.get("total_tokens")
+                total = total if _is_count(total) else prompt + completion
+                return prompt, completion, total, "estimated" if result.usage_estimated else "upstream"
+        if result.upstream_answered and self.body is not None:
+            # Upstream never said (a stream cut or left): what the caller was sent, one token a chunk.
+            prompt = estimate_prompt_tokens(self.body)
+            return prompt, result.content_chunks, prompt + result.content_chunks, "estimated"
+        return 0, 0, 0, "none"
+
+    def _cost(self, result: Outcome, usage_source: str, prompt: int, completion: int) -> tuple[int, str]:
+        if usage_source == "none" or self.model is None:
+            return 0, "none"
+        if usage_source == "upstream" and result.usage is not None:
+            upstream = upstream_cost_nanos(result.usage.get("estimated_cost"))
+            if upstream is not None:
+                return upstream, "upstream"
+        return nanos(cost_usd(self.model, prompt, completion)), "price_table"
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
+
+
+class Outcome(Protocol):
+    """How a request ended, as the relay (or the pipeline, for a request that never got there) saw it."""
+
+    outcome: str
+    status: int
+    usage: dict[str, Any] | None
+    usage_estimated: bool
+    upstream_answered: bool
+    content_chunks: int
+    first_byte_at: float | None
+    service_tier: Any

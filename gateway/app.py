@@ -8,7 +8,9 @@ Auth is on by default: routes outside `OPEN_PATHS` need a gateway key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,8 +18,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admin import ADMIN_PREFIX, add_admin_routes
 from gateway.asgi import (
     REQUEST_ID_HEADER,
     Message,
@@ -28,10 +32,12 @@ from gateway.asgi import (
     request_id_for,
     send_error,
 )
-from gateway.auth import KeyStore
+from gateway.auth import AdminKey, KeyStore
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
+from gateway.ledger.store import Ledger
+from gateway.ledger.writer import LedgerWriter
 from gateway.relay import Upstream
 from gateway.simulator import RunningSimulator, start_simulator
 
@@ -49,11 +55,12 @@ class GatewayApp:
     itself, as the first step of its pipeline.)
     """
 
-    def __init__(self, chat: ChatCompletions, api: FastAPI, keys: KeyStore) -> None:
+    def __init__(self, chat: ChatCompletions, api: FastAPI, keys: KeyStore, admin_key: AdminKey) -> None:
         self.chat = chat
         self.api = api
         self._api_with_request_id = RequestIdMiddleware(api)
         self._keys = keys
+        self._admin_key = admin_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
@@ -64,9 +71,13 @@ class GatewayApp:
             await self._api_with_request_id(scope, receive, send)
 
     async def _authenticated(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admin paths need the admin key; every other path a gateway key."""
         headers = read_headers(scope)
         try:
-            self._keys.authenticate(headers.authorization)
+            if scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/"):
+                self._admin_key.check(headers.authorization)
+            else:
+                self._keys.authenticate(headers.authorization)
         except Unauthorized as error:
             await send_error(send, error, request_id_for(headers.request_id))
             return
@@ -96,12 +107,20 @@ class RequestIdMiddleware:
 
 def create_app(config: Config) -> GatewayApp:
     keys = KeyStore(config.secrets.caller_keys)
+    admin_key = config.secrets.admin_key
     token = config.secrets.upstream_token
     upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN)
     chat = ChatCompletions(config, keys, upstream)
+    ledger = Ledger(config.ledger.url)
+    writer = LedgerWriter(ledger)
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(open_ledger, ledger, config.ledger.url)
+        keys.set_issued(await asyncio.to_thread(ledger.active_keys))
+        writer.start()
+        chat.books = writer
+        refresher = asyncio.create_task(_refresh_issued_keys(ledger, keys))
         simulator: RunningSimulator | None = None
         if config.uses_simulator:
             simulator = await start_simulator(config.simulator, config.models)
@@ -110,15 +129,57 @@ def create_app(config: Config) -> GatewayApp:
         try:
             yield
         finally:
+            # Requests the server cancelled at the end of its grace period finish booking first.
+            await chat.drained(timeout_s=5)
+            refresher.cancel()
+            await asyncio.to_thread(writer.close)
             await upstream.close()
             if simulator is not None:
                 await simulator.stop()
+            ledger.close()
 
     api = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(api)
-    _add_health_routes(api, config, upstream)
+    _add_health_routes(api, config, upstream, writer)
     _add_model_routes(api, config)
-    return GatewayApp(chat, api, keys)
+    add_admin_routes(api, ledger, keys)
+    return GatewayApp(chat, api, keys, AdminKey(admin_key.get_secret_value() if admin_key else None))
+
+
+class LedgerUnreachable(Exception):
+    """The ledger database cannot be opened at start."""
+
+
+def open_ledger(ledger: Ledger, url: str) -> None:
+    """Create or migrate the schema; a clear error (naming no password) if the database is not there."""
+    try:
+        ledger.migrate()
+    except SQLAlchemyError as error:
+        raise LedgerUnreachable(
+            f"ledger.url: cannot open the ledger at {_without_password(url)} ({type(error).__name__})"
+        ) from None
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float = 0.4) -> None:
+    """Keep issued keys current: a key revoked anywhere stops working here within a second."""
+    failing = False
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            keys.set_issued(await asyncio.to_thread(ledger.active_keys))
+        except SQLAlchemyError as error:
+            if not failing:
+                logger.error(
+                    "ledger: cannot refresh issued keys (%s); keeping the last known set",
+                    type(error).__name__,
+                )
+            failing = True
+        else:
+            failing = False
 
 
 def _announce_simulator(config: Config, simulator: RunningSimulator) -> None:
@@ -135,19 +196,21 @@ def _announce_simulator(config: Config, simulator: RunningSimulator) -> None:
     )
 
 
-def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream) -> None:
+def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream, writer: LedgerWriter) -> None:
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = upstream.started
-        upstream_kind = "simulator" if config.uses_simulator else "configured"
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "upstream": upstream_kind},
-            status_code=200 if ready else 503,
-        )
+        ready = upstream.started and not writer.failing
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "upstream": "simulator" if config.uses_simulator else "configured",
+            "ledger": "failing" if writer.failing else "ok",
+            "ledger_queue": writer.depth,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
 
 
 def _add_model_routes(api: FastAPI, config: Config) -> None:
@@ -179,7 +242,12 @@ def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 405:
-            return render(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+            response = render(
+                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+            )
+            if error.headers and "Allow" in error.headers:
+                response.headers["allow"] = error.headers["Allow"]
+            return response
         if error.status_code == 404:
             return render(NotFound(f"No route {request.method} {request.url.path}."))
         body = {

@@ -17,7 +17,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 REQUEST_ID_HEADER = b"x-request-id"
 _JSON = (b"content-type", b"application/json")
-_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+_VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,1024}")
 
 
 class ClientGone(Exception):
@@ -96,5 +96,9 @@ async def send_json(
 
 
 async def send_error(send: Send, error: GatewayError, request_id: bytes) -> None:
-    extra = [(b"www-authenticate", b"Bearer")] if error.status == 401 else None
+    extra = None
+    if error.status == 401:
+        extra = [(b"www-authenticate", b"Bearer")]
+    elif error.status == 405:
+        extra = [(b"allow", b"POST")]
     await send_json(send, error.status, error.to_json(), request_id, extra)

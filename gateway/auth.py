@@ -10,6 +10,7 @@ guarantee a constant-time comparison gives, at the cost of one dict lookup for a
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterable
 
 from gateway.config import CallerKey
@@ -19,8 +20,16 @@ _BEARER = b"bearer "
 
 
 class KeyStore:
+    """Static keys from the config, plus the keys issued in the ledger (refreshed by the app)."""
+
     def __init__(self, keys: Iterable[CallerKey]) -> None:
-        self._names_by_digest: dict[bytes, str] = {key.sha256: key.name for key in keys}
+        self._static: dict[bytes, str] = {key.sha256: key.name for key in keys}
+        self.static_names = frozenset(self._static.values())
+        self._names_by_digest = dict(self._static)
+
+    def set_issued(self, keys: Iterable[CallerKey]) -> None:
+        """Replace the issued keys (revoked ones are simply absent); static keys always stay."""
+        self._names_by_digest = {**{key.sha256: key.name for key in keys}, **self._static}
 
     def authenticate(self, authorization: bytes | None) -> str:
         """Return the key's name for an `Authorization: Bearer <key>` header value, else raise 401."""
@@ -33,3 +42,19 @@ class KeyStore:
         if name is None:
             raise Unauthorized("Invalid API key.")
         return name
+
+
+class AdminKey:
+    """The one admin key, from the environment; None disables the admin API."""
+
+    def __init__(self, key: str | None) -> None:
+        self._digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    def check(self, authorization: bytes | None) -> None:
+        if self._digest is None:
+            raise Unauthorized("The admin API is disabled: no admin key is set (admin.key_env).")
+        presented = b""
+        if authorization is not None and authorization[:7].lower() == _BEARER:
+            presented = authorization[7:].strip()
+        if not hmac.compare_digest(hashlib.sha256(presented).digest(), self._digest):
+            raise Unauthorized("Invalid admin key.")

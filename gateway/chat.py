@@ -1,23 +1,34 @@
-"""The chat completions endpoint, as a pipeline: authenticate, validate, forward and relay.
+"""The chat completions endpoint, as a pipeline: authenticate, validate, forward and relay, book.
 
 It is a plain ASGI callable rather than a FastAPI route: this is the hot path, and FastAPI's
 routing and dependency machinery would cost more than everything else the gateway does here.
+Every request with a valid key is booked exactly once, whatever its end (the `finally` below).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Protocol
 
+from gateway.accounting import Booking
 from gateway.asgi import ClientGone, Receive, Scope, Send, read_body, read_headers, request_id_for, send_error
 from gateway.auth import KeyStore
 from gateway.config import Config, ModelConfig
 from gateway.errors import GatewayError, MethodNotAllowed
-from gateway.relay import Upstream, relay_completion, relay_stream
-from gateway.validate import validate_chat_request
+from gateway.ledger.store import LedgerRow
+from gateway.relay import RelayResult, Upstream, relay_completion, relay_stream
+from gateway.validate import check_chat_request, parse_json_object
 
 logger = logging.getLogger("gateway.chat")
 
 CHAT_PATHS = frozenset({"/v1/openai/chat/completions", "/v1/chat/completions"})
+
+
+class Bookkeeper(Protocol):
+    """Where finished requests go (the ledger writer's `book`)."""
+
+    def book(self, row: LedgerRow) -> None: ...
 
 
 class ChatCompletions:
@@ -26,26 +37,76 @@ class ChatCompletions:
         self._upstream = upstream
         self._models: dict[str, ModelConfig] = {model.name: model for model in config.models}
         self._max_body_bytes = config.server.max_body_bytes
+        self.books: Bookkeeper | None = None  # set in the lifespan, once the ledger is open
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = read_headers(scope)
         request_id = request_id_for(headers.request_id)
         try:
+            key_name = self._keys.authenticate(headers.authorization)
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.")
-            self._keys.authenticate(headers.authorization)
-            raw = await read_body(receive, headers.content_length, self._max_body_bytes)
-            request = validate_chat_request(raw, self._models)
-            if request.stream:
-                await relay_stream(self._upstream, request, request_id, receive, send)
-            else:
-                await relay_completion(self._upstream, request, request_id, send)
+        except GatewayError as error:  # no valid key: nobody to book it to
+            await send_error(send, error, request_id)
+            return
+        booking = Booking(request_id.decode(), key_name)
+        result = RelayResult(outcome="error", status=500)  # the relay fills it in as it learns
+        self._enter()
+        try:
+            await self._handle(booking, result, request_id, receive, send, headers.content_length)
         except GatewayError as error:
+            result.fail(error)
             await send_error(send, error, request_id)
         except ClientGone:
-            return
+            result.outcome, result.status = "client_disconnected", 499
+        except asyncio.CancelledError:  # the server's shutdown grace ran out
+            if result.outcome != "shutdown":
+                result.outcome, result.status = "shutdown", 503
+            raise
         except Exception:
             # A bug, not a request problem: log it, and answer in OpenAI's shape if nothing was sent yet
             # (if a response had started, send_error raises and the server closes the connection).
-            logger.exception("unexpected error in chat completions (request %s)", request_id.decode())
+            logger.exception("unexpected error in chat completions (request %s)", booking.request_id)
             await send_error(send, GatewayError("The gateway failed to handle this request."), request_id)
+        finally:
+            if self.books is not None:
+                self.books.book(booking.row(result))
+            self._leave()
+
+    async def _handle(
+        self,
+        booking: Booking,
+        result: RelayResult,
+        request_id: bytes,
+        receive: Receive,
+        send: Send,
+        content_length: int | None,
+    ) -> None:
+        raw = await read_body(receive, content_length, self._max_body_bytes)
+        booking.body = parse_json_object(raw)
+        request = check_chat_request(booking.body, raw, self._models)
+        booking.model = request.model
+        if request.stream:
+            await relay_stream(self._upstream, request, request_id, receive, send, result)
+        else:
+            await relay_completion(self._upstream, request, request_id, receive, send, result)
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight (their rows booked), at most `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True

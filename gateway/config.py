@@ -198,7 +198,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
 
 
 def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
-    token = environ.get(config.upstream.token_env) or None
+    token = (environ.get(config.upstream.token_env) or "").strip() or None  # a secret file's newline must go
     if token is None and config.upstream.require_token:
         raise ConfigError(
             f"upstream.token_env: environment variable {config.upstream.token_env} is not set "

@@ -27,6 +27,9 @@ class GatewayError(Exception):
     default_code: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        message = message.encode(
+            "utf-8", "replace"
+        ).decode()  # a lone surrogate from a body must not break JSON
         super().__init__(message)
         self.message = message
         self.param = param

@@ -24,7 +24,7 @@ from gateway.accounting import completion_text, cost_usd, estimate_prompt_tokens
 from gateway.asgi import REQUEST_ID_HEADER, Receive, Send, send_json
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.sse import StreamTap
+from gateway.sse import StreamTap, StreamTooLarge
 from gateway.validate import ChatRequest
 
 logger = logging.getLogger("gateway.relay")
@@ -35,12 +35,24 @@ _PASSED_HEADERS = ("retry-after",)
 
 @dataclass(slots=True)
 class RelayResult:
-    """What happened, for the books: outcome, status and usage as upstream reported it (if it did)."""
+    """How a request ended, for the books (see accounting.Outcome)."""
 
-    outcome: str  # ok | upstream_error | client_disconnected
+    outcome: str  # ok | rejected | upstream_error | timeout | client_disconnected | shutdown | error
     status: int
     usage: dict[str, Any] | None = None
+    usage_estimated: bool = False
+    upstream_answered: bool = False  # upstream began an answer that may be billed
+    content_chunks: int = 0
     first_byte_at: float | None = None
+    service_tier: Any = None
+
+    def fail(self, error: GatewayError) -> None:
+        """The gateway answered with an error of its own."""
+        self.status = error.status
+        if isinstance(error, UpstreamTimeout):
+            self.outcome = "timeout"
+        else:
+            self.outcome = "upstream_error" if error.status >= 500 else "rejected"
 
 
 class Upstream:
@@ -64,6 +76,7 @@ class Upstream:
             timeout=timeout,
             connector=connector,
             headers={"User-Agent": "gateway", "Accept-Encoding": "identity"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # an upstream cookie must never pass between callers
         )
 
     async def close(self) -> None:
@@ -82,7 +95,7 @@ class Upstream:
             "X-Request-Id": request_id.decode("ascii"),
         }
         try:
-            return await self._session.post(self.url, data=body, headers=headers)
+            return await self._session.post(self.url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self.translate(error) from None
 
@@ -103,16 +116,40 @@ class Upstream:
 
 
 async def relay_completion(
-    upstream: Upstream, request: ChatRequest, request_id: bytes, send: Send
-) -> RelayResult:
-    """Forward a non-streamed request; answer with upstream's status and JSON body."""
-    response = await upstream.post(request.upstream_body, request_id)
-    return await _relay_json(upstream, response, request, request_id, send)
+    upstream: Upstream,
+    request: ChatRequest,
+    request_id: bytes,
+    receive: Receive,
+    send: Send,
+    result: RelayResult,
+) -> None:
+    """Forward a non-streamed request; answer with upstream's status and JSON body.
+
+    A caller that gives up waiting has its upstream request closed at once, as with streams:
+    generation it will never read is not paid for.
+    """
+    watch = DisconnectWatch(receive)
+    try:
+        response = await upstream.post(request.upstream_body, request_id)
+        await _relay_json(upstream, response, request, request_id, send, result, watch)
+    except asyncio.CancelledError:
+        if not watch.caller_left:
+            raise
+        watch.absorb_cancel()
+        result.outcome, result.status = "client_disconnected", 499
+    finally:
+        watch.stop()
 
 
 async def _relay_json(
-    upstream: Upstream, response: aiohttp.ClientResponse, request: ChatRequest, request_id: bytes, send: Send
-) -> RelayResult:
+    upstream: Upstream,
+    response: aiohttp.ClientResponse,
+    request: ChatRequest,
+    request_id: bytes,
+    send: Send,
+    result: RelayResult,
+    watch: DisconnectWatch,
+) -> None:
     try:
         body = await response.read()
     except (aiohttp.ClientError, TimeoutError) as error:
@@ -120,32 +157,39 @@ async def _relay_json(
     finally:
         response.release()
     status = response.status
+    if 300 <= status < 400:
+        raise UpstreamUnavailable(
+            f"The upstream answered with a redirect (HTTP {status}).", code="upstream_bad_response"
+        )
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise UpstreamUnavailable(
             f"The upstream answered HTTP {status} with a body that is not JSON.", code="upstream_bad_response"
         ) from None
-    usage = None
+    result.outcome, result.status = ("ok" if status < 400 else "upstream_error"), status
     if status < 400 and isinstance(payload, dict):
-        usage, body = _with_estimated_cost(payload, body, request)
+        result.upstream_answered = True
+        result.service_tier = payload.get("service_tier")
+        body = _with_estimated_cost(payload, body, request, result)
     extra = [
         (name.encode(), response.headers[name].encode())
         for name in _PASSED_HEADERS
         if name in response.headers
     ]
     await send_json(send, status, body, request_id, extra)
-    return RelayResult(outcome="ok" if status < 400 else "upstream_error", status=status, usage=usage)
 
 
 def _with_estimated_cost(
-    payload: dict[str, Any], body: bytes, request: ChatRequest
-) -> tuple[dict[str, Any], bytes]:
+    payload: dict[str, Any], body: bytes, request: ChatRequest, result: RelayResult
+) -> bytes:
     """Usage with `estimated_cost`; the body is rewritten only when upstream left something out."""
     usage = payload.get("usage")
+    result.usage = usage if isinstance(usage, dict) else None
     if isinstance(usage, dict) and usage.get("estimated_cost") is not None:
-        return usage, body
+        return body
     if not isinstance(usage, dict):
+        result.usage_estimated = True
         prompt = estimate_prompt_tokens(request.body)
         completion = estimate_tokens(completion_text(payload))
         usage = {
@@ -157,22 +201,32 @@ def _with_estimated_cost(
     completion_tokens = usage.get("completion_tokens")
     if isinstance(prompt_tokens, int) and isinstance(completion_tokens, int):
         usage["estimated_cost"] = float(cost_usd(request.model, prompt_tokens, completion_tokens))
-    payload["usage"] = usage
-    return usage, orjson.dumps(payload)
+    payload["usage"] = result.usage = usage
+    return orjson.dumps(payload)
 
 
 async def relay_stream(
-    upstream: Upstream, request: ChatRequest, request_id: bytes, receive: Receive, send: Send
-) -> RelayResult:
-    """Forward a streamed request and relay its events as they come; close upstream if the caller leaves."""
+    upstream: Upstream,
+    request: ChatRequest,
+    request_id: bytes,
+    receive: Receive,
+    send: Send,
+    result: RelayResult,
+) -> None:
+    """Forward a streamed request and relay its events as they come; close upstream if the caller leaves.
+
+    If the server cancels the relay (shutdown past its grace period), an open stream is ended with
+    an SSE error event before the cancel goes on, and the result says what was delivered.
+    """
     watch = DisconnectWatch(receive)
-    result = RelayResult(outcome="client_disconnected", status=499)
+    tap = StreamTap(withhold_usage_only=not request.caller_wants_usage)
     try:
         response = await upstream.post(request.upstream_body, request_id)
         if response.status >= 400 or not response.content_type.startswith("text/event-stream"):
-            return await _relay_json(upstream, response, request, request_id, send)
+            await _relay_json(upstream, response, request, request_id, send, result, watch)
+            return
         try:
-            last = await _pump_events(upstream, response, request, request_id, send, result)
+            last = await _pump_events(upstream, response, tap, request_id, send, result)
         finally:
             # A finished stream's connection goes back to the pool; any other is closed at once.
             if result.outcome == "ok":
@@ -182,19 +236,27 @@ async def relay_stream(
         watch.stop()  # the end of the response is not a disconnect
         await send({"type": "http.response.body", "body": last})
     except asyncio.CancelledError:
+        _note_stream(result, tap)
         if not watch.caller_left:
+            result.outcome = "shutdown"
+            if result.upstream_answered:
+                await send({"type": "http.response.body", "body": _error_event(_SHUTTING_DOWN)})
             raise
         watch.absorb_cancel()
-        result.outcome = "client_disconnected"
+        result.outcome, result.status = "client_disconnected", 499
     finally:
         watch.stop()
-    return result
+
+
+_SHUTTING_DOWN = UpstreamUnavailable(
+    "The gateway is shutting down; the stream was ended.", code="shutting_down"
+)
 
 
 async def _pump_events(
     upstream: Upstream,
     response: aiohttp.ClientResponse,
-    request: ChatRequest,
+    tap: StreamTap,
     request_id: bytes,
     send: Send,
     result: RelayResult,
@@ -207,7 +269,7 @@ async def _pump_events(
     ]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     result.status = response.status
-    tap = StreamTap(withhold_usage_only=not request.caller_wants_usage)
+    result.upstream_answered = True
     failure: GatewayError | None = None
     try:
         async for chunk in response.content.iter_any():
@@ -218,17 +280,30 @@ async def _pump_events(
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = upstream.translate(error)
-    if failure is None and not tap.done:
+    except StreamTooLarge:
+        failure = UpstreamUnavailable("The upstream stream is not SSE.", code="upstream_bad_response")
+    rest = tap.rest() if failure is None else b""
+    _note_stream(result, tap)
+    if tap.done:  # whatever happened after [DONE] does not matter to the caller
+        result.outcome = "ok"
+        return rest
+    if failure is None:
         failure = UpstreamUnavailable(
             "The upstream stream ended before its [DONE] event.", code="upstream_bad_response"
         )
+    result.outcome = "timeout" if isinstance(failure, UpstreamTimeout) else "upstream_error"
+    return _error_event(failure)
+
+
+def _note_stream(result: RelayResult, tap: StreamTap) -> None:
     result.usage = tap.usage
-    if failure is None:
-        result.outcome = "ok"
-        return tap.held()
-    result.outcome = "upstream_error"
-    end_of_cut_event = b"\n\n" if tap.mid_event else b""
-    return tap.held() + end_of_cut_event + b"data: " + failure.to_json() + b"\n\n"
+    result.content_chunks = tap.content_chunks
+    result.service_tier = tap.service_tier
+
+
+def _error_event(error: GatewayError) -> bytes:
+    """What ends a failed stream: one SSE error event (a cut event's partial bytes were never sent)."""
+    return b"data: " + error.to_json() + b"\n\n"
 
 
 class DisconnectWatch:

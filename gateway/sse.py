@@ -1,10 +1,15 @@
 """Watching an SSE stream as it passes: usage is read, bytes are not changed.
 
-`StreamTap.feed` takes each read from upstream and returns what to write to the caller. In
-pass-through mode that is the read itself, unchanged. When the gateway asked upstream for usage
-on the caller's behalf, the caller must not see the usage-only chunk (empty `choices`) that only
-exists because of that; then complete events are released as they end and the one chunk is left
-out. Nothing else is ever dropped or rewritten. Events end with a blank line, `\n\n` or `\r\n\r\n`.
+`StreamTap.feed` takes each read from upstream and returns what to write to the caller now: every
+event completed by that read, byte for byte. An event split across reads goes out the moment its
+last byte arrives (in practice upstreams write whole events, and each read goes out as it came).
+Holding back only the unfinished tail means that a stream cut mid-event can still end with a
+clean error event: the caller never sees half an event it cannot parse.
+
+When the gateway asked upstream for usage on the caller's behalf, the caller must not see the
+usage-only chunk (empty `choices`) that exists only because of that request: that one event is
+left out. Nothing else is ever dropped or rewritten. Events end with a blank line, `\n\n` or
+`\r\n\r\n`.
 """
 
 from __future__ import annotations
@@ -13,44 +18,65 @@ from typing import Any
 
 import orjson
 
-_USAGE = b'"usage"'
+_USAGE = b'"usage":'
+_CONTENT = b'"content":'
 _DONE_PREFIXES = (b"data: [DONE]", b"data:[DONE]")
+MAX_EVENT_BYTES = 8 * 1024 * 1024  # an "event" larger than this is not SSE: the stream is garbage
+
+
+class StreamTooLarge(Exception):
+    """Upstream sent more than MAX_EVENT_BYTES without ending an event."""
 
 
 class StreamTap:
-    __slots__ = ("_pending", "_withhold_usage_only", "done", "events", "usage")
+    __slots__ = (
+        "_pending",
+        "_withhold_usage_only",
+        "content_chunks",
+        "done",
+        "events",
+        "service_tier",
+        "usage",
+    )
 
     def __init__(self, *, withhold_usage_only: bool) -> None:
         self._withhold_usage_only = withhold_usage_only
         self._pending = b""  # the start of an event whose end has not arrived yet
         self.usage: dict[str, Any] | None = None
+        self.service_tier: Any = None
         self.events = 0
+        self.content_chunks = 0  # events with non-empty content: the estimate if usage never comes
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """Take one read from upstream; return the bytes to send to the caller now."""
-        data = self._pending + chunk
-        start = 0
+        """Take one read from upstream; return the complete events to send to the caller now."""
+        pending = self._pending
+        data = pending + chunk
+        # The end of an event may straddle the old tail and the new read: look 3 bytes back, not further.
+        start, search_from = 0, max(0, len(pending) - 3)
         dropped: list[tuple[int, int]] = []
-        while (end := _event_end(data, start)) != -1:
+        while (end := _event_end(data, start, search_from)) != -1:
             if self._inspect(data, start, end) and self._withhold_usage_only:
                 dropped.append((start, end))
-            start = end
+            start = search_from = end
         self._pending = data[start:]
-        if not self._withhold_usage_only:
-            return chunk
+        if len(self._pending) > MAX_EVENT_BYTES:
+            raise StreamTooLarge
         if not dropped:
-            return data[:start]
+            return data[:start]  # the whole read, no copy, when it ends on an event boundary
         return _without(data[:start], dropped)
 
     @property
     def mid_event(self) -> bool:
         """Upstream stopped inside an event: bytes of it have arrived, its end has not."""
-        return bool(self._pending)
+        return bool(self._pending.strip())
 
-    def held(self) -> bytes:
-        """Bytes that arrived but were held back (the start of an event), to send when upstream ends."""
-        return self._pending if self._withhold_usage_only else b""
+    def rest(self) -> bytes:
+        """At a clean end of the stream: what is left after the last blank line (a final `[DONE]`
+        written without its blank line counts as the end)."""
+        if self._pending.startswith(_DONE_PREFIXES):
+            self.done = True
+        return self._pending
 
     def _inspect(self, data: bytes, start: int, end: int) -> bool:
         """Note what one complete event says; True if it is a usage-only chunk."""
@@ -58,7 +84,9 @@ class StreamTap:
         if data.startswith(_DONE_PREFIXES, start):
             self.done = True
             return False
-        if data.find(_USAGE, start, end) == -1:
+        if _has_string(data, _CONTENT, start, end):
+            self.content_chunks += 1
+        if not _has_object(data, _USAGE, start, end):  # most chunks: no usage, or "usage": null
             return False
         chunk = _decode_data(data[start:end])
         if not isinstance(chunk, dict):
@@ -67,16 +95,38 @@ class StreamTap:
         if not isinstance(usage, dict):
             return False
         self.usage = usage
+        self.service_tier = chunk.get("service_tier", self.service_tier)
         return chunk.get("choices") == []
 
 
-def _event_end(data: bytes, start: int) -> int:
+def _event_end(data: bytes, start: int, search_from: int) -> int:
     """Index just past the blank line that ends the event starting at `start`, or -1."""
-    lf = data.find(b"\n\n", start)
-    crlf = data.find(b"\r\n\r\n", start, lf + 2 if lf != -1 else len(data))
+    lf = data.find(b"\n\n", search_from)
+    crlf = data.find(b"\r\n\r\n", search_from, lf + 2 if lf != -1 else len(data))
     if crlf != -1:
         return crlf + 4
     return lf + 2 if lf != -1 else -1
+
+
+def _value_at(data: bytes, key: bytes, start: int, end: int) -> int:
+    """Index of the first byte of `key`'s value in data[start:end], or -1; found without parsing."""
+    at = data.find(key, start, end)
+    if at == -1:
+        return -1
+    at += len(key)
+    while at < end and data[at] in b" \t":
+        at += 1
+    return at
+
+
+def _has_string(data: bytes, key: bytes, start: int, end: int) -> bool:
+    at = _value_at(data, key, start, end)
+    return at != -1 and data.startswith(b'"', at) and not data.startswith(b'""', at)
+
+
+def _has_object(data: bytes, key: bytes, start: int, end: int) -> bool:
+    at = _value_at(data, key, start, end)
+    return at != -1 and data.startswith(b"{", at)
 
 
 def _decode_data(event: bytes) -> Any:

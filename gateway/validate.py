@@ -37,8 +37,8 @@ class ChatRequest:
     body: dict[str, Any]
 
 
-def validate_chat_request(raw: bytes, models: Mapping[str, ModelConfig]) -> ChatRequest:
-    body = parse_json_object(raw)
+def check_chat_request(body: dict[str, Any], raw: bytes, models: Mapping[str, ModelConfig]) -> ChatRequest:
+    """Check a parsed body (from `parse_json_object(raw)`) against every documented rule."""
     model = _check_model(body.get("model"), models)
     _check_messages(body.get("messages"))
     for field, value in body.items():
@@ -72,7 +72,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def _parse_leniently(raw: bytes) -> Any:
     """orjson rejects some valid JSON (lone surrogates in strings); retry with the standard parser."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise InvalidRequest("Request body is not valid JSON.", code="invalid_json") from None
 
@@ -88,9 +88,14 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
         # Splice before the closing brace: the caller's bytes stay as they are.
         end = raw.rfind(b"}")
         return raw[:end] + _INCLUDE_USAGE
-    options = body["stream_options"]
-    merged = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    return orjson.dumps({**body, "stream_options": merged})
+    # Rare: the caller sent stream_options without include_usage. Rebuild the body with the standard
+    # library, which keeps integers of any size and escapes what orjson would refuse.
+    exact = json.loads(raw.decode("utf-8"))
+    options = exact.get("stream_options")
+    exact["stream_options"] = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
+    return json.dumps(exact, separators=(",", ":")).encode()
 
 
 def _check_model(model: Any, models: Mapping[str, ModelConfig]) -> ModelConfig:
@@ -101,7 +106,7 @@ def _check_model(model: Any, models: Mapping[str, ModelConfig]) -> ModelConfig:
     found = models.get(model)
     if found is None:
         raise ModelNotFound(
-            f"The model '{_clip(model)}' does not exist or is not served by this gateway.", param="model"
+            f"The model {_show(model)} does not exist or is not served by this gateway.", param="model"
         )
     return found
 
@@ -156,7 +161,7 @@ def _check_tool_choice(field: str, value: Any) -> None:
             param=field,
             code="unsupported_value",
         )
-    if value not in TOOL_CHOICES or not isinstance(value, str):
+    if not isinstance(value, str) or value not in TOOL_CHOICES:
         raise InvalidRequest(f"tool_choice must be 'none' or 'auto', got {_show(value)}", param=field)
 
 
@@ -201,7 +206,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise _wrong_type(where, "an object", message)
         role = message.get("role")
-        if role not in ROLES or not isinstance(role, str):
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequest(
                 f"{where}.role must be one of system, user, assistant, tool; got {_show(role)}",
                 param=f"{where}.role",

@@ -180,7 +180,23 @@ async def _slow_headers(upstream: ScriptedUpstream, request: UpstreamRequest, co
     upstream.closed(request.headers["x-request-id"]).set()
 
 
+async def _done_then_drop(
+    upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection
+) -> None:
+    """A complete stream, then the connection dies before the chunked body's terminator."""
+    await _writes(connection, [FIRST, LAST_WITH_USAGE, DONE], end=False)
+    connection.drop()
+
+
+async def _redirect(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
+    await connection.json(
+        307, b'{"moved": true}', {"Location": f"http://127.0.0.1:{upstream.port}/elsewhere"}
+    )
+
+
 SCENARIOS = {
+    "done_then_drop": _done_then_drop,
+    "redirect": _redirect,
     "no_cost": _no_cost,
     "rate_limited": _rate_limited,
     "server_error_json": _server_error_json,

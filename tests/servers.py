@@ -36,7 +36,10 @@ class GatewayProcess:
 
     def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
         self.config_path = tmp / f"gateway-{id(self)}.yaml"
+        config.setdefault("ledger", {}).setdefault("url", f"sqlite:///{tmp}/ledger-{id(self)}.db")
+        self.ledger_url: str = config["ledger"]["url"]
         self.config_path.write_text(yaml.safe_dump(config))
+        self._cwd = tmp
         self.log_path = tmp / f"gateway-{id(self)}.log"
         self._env = {k: v for k, v in os.environ.items() if k not in ("DEEPINFRA_TOKEN", "GATEWAY_CONFIG")}
         self._env.update(env or {})
@@ -46,7 +49,9 @@ class GatewayProcess:
     def start(self, timeout: float = 20) -> GatewayProcess:
         self._log = log = self.log_path.open("wb")
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", "0"]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env)
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd
+        )
         port = self._wait_for(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
         self.url = f"http://127.0.0.1:{int(port)}"
         return self

@@ -54,8 +54,9 @@ def test_open_routes_need_no_key(gateway: GatewayProcess, path: str) -> None:
 
 
 def test_readyz_says_which_upstream(gateway: GatewayProcess, sim_gateway: GatewayProcess) -> None:
-    assert httpx.get(gateway.url + "/readyz").json() == {"status": "ready", "upstream": "configured"}
-    assert httpx.get(sim_gateway.url + "/readyz").json() == {"status": "ready", "upstream": "simulator"}
+    ready = {"status": "ready", "ledger": "ok", "ledger_queue": 0}
+    assert httpx.get(gateway.url + "/readyz").json() == {**ready, "upstream": "configured"}
+    assert httpx.get(sim_gateway.url + "/readyz").json() == {**ready, "upstream": "simulator"}
 
 
 @pytest.mark.parametrize("key", [CALLER_KEY, BOB_KEY, CAROL_KEY], ids=["key", "key_sha256", "key_env"])
@@ -70,10 +71,18 @@ def test_bearer_scheme_is_case_insensitive(gateway: GatewayProcess) -> None:
     assert httpx.post(gateway.url + "/v1/chat/completions", json=chat(), headers=headers).status_code == 200
 
 
+def test_request_ids_with_spaces_are_kept(gateway: GatewayProcess) -> None:
+    response = httpx.get(gateway.url + "/v1/models", headers=auth_headers(request_id="my trace 42"))
+    assert response.headers["x-request-id"] == "my trace 42"
+
+
 def test_unknown_routes_and_methods_answer_in_the_openai_shape(gateway: GatewayProcess) -> None:
+    assert httpx.get(gateway.url + "/v1/openai/chat/completions").status_code == 401  # no key: 401 first
     missing = httpx.get(gateway.url + "/v2/nothing", headers=auth_headers())
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = httpx.get(gateway.url + "/v1/openai/chat/completions", headers=auth_headers())
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"
     wrong = httpx.post(gateway.url + "/v1/models", headers=auth_headers())
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "GET"

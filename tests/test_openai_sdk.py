@@ -146,6 +146,15 @@ def test_failure_mid_stream_raises_in_the_sdk(gateway: GatewayProcess) -> None:
     assert "sent nothing for" in failure.value.message
 
 
+def test_stream_cut_mid_event_raises_an_api_error_in_the_sdk(gateway: GatewayProcess) -> None:
+    stream = sync_client(gateway).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "scenario:stream_cut"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as failure:
+        list(stream)
+    assert "before its answer was complete" in failure.value.message
+
+
 def test_request_id_is_echoed_and_forwarded(gateway: GatewayProcess, upstream: ScriptedUpstream) -> None:
     request_id = f"trace-{uuid.uuid4()}"
     raw = sync_client(gateway).chat.completions.with_raw_response.create(

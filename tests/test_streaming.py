@@ -95,12 +95,17 @@ def test_each_event_is_relayed_as_it_arrives(client: httpx.Client, upstream: Scr
 
 def test_upstream_dropping_mid_event_ends_the_stream_with_an_error_event(client: httpx.Client) -> None:
     response, received = stream_bytes(client, chat("scenario:stream_cut", stream=True))
-    sent = b"".join(CUT_WRITES)
+    complete, _cut = CUT_WRITES
     assert response.status_code == 200
-    assert received.startswith(sent + b"\n\n")  # every byte upstream sent, then the cut event is ended
+    # Every complete event, then one clean error event; the half event is never sent.
+    assert received == complete + b"data: " + orjson.dumps({"error": error_event(received)}) + b"\n\n"
     assert DONE not in received
-    assert received.count(b'data: {"error"') == 1
     assert error_event(received)["code"] == "upstream_bad_response"
+
+
+def test_a_failure_after_done_is_not_an_error(client: httpx.Client) -> None:
+    _, received = stream_bytes(client, chat("scenario:done_then_drop", stream=True))
+    assert received == FIRST + LAST_WITH_USAGE + DONE
 
 
 def test_upstream_silent_mid_stream_times_out_as_an_error_event(client: httpx.Client) -> None:
@@ -145,6 +150,18 @@ def test_caller_hanging_up_before_upstream_answers_closes_it_too(
     assert upstream.closed(request_id).wait(timeout=1.0)
 
 
+def test_caller_giving_up_on_a_plain_request_closes_it_upstream(
+    gateway: GatewayProcess, upstream: ScriptedUpstream
+) -> None:
+    request_id = str(uuid.uuid4())
+    with (
+        httpx.Client(base_url=gateway.url, headers=auth_headers(request_id=request_id)) as caller,
+        contextlib.suppress(httpx.ReadTimeout),
+    ):
+        caller.post(CHAT_PATH, json=chat("scenario:slow_headers"), timeout=0.3)
+    assert upstream.closed(request_id).wait(timeout=1.0)
+
+
 # --- the tap itself, over every way a stream can be cut into reads ----------------------------------
 
 
@@ -158,7 +175,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_tap_output_is_independent_of_how_reads_are_cut(cuts: list[int], withhold: bool) -> None:
     for stream in (TRICKY_STREAM, OPENAI_STYLE_STREAM):
         tap = StreamTap(withhold_usage_only=withhold)
-        out = b"".join(tap.feed(piece) for piece in _split(stream, cuts)) + tap.held()
+        out = b"".join(tap.feed(piece) for piece in _split(stream, cuts)) + tap.rest()
         expected = stream.replace(USAGE_ONLY, b"") if withhold else stream
         assert out == expected
         assert tap.done

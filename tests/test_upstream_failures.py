@@ -51,6 +51,7 @@ def test_retry_after_is_passed_on(client: httpx.Client) -> None:
         ("garbage", 502, "upstream_bad_response"),
         ("drop", 502, "upstream_bad_response"),
         ("stall", 504, "upstream_timeout"),
+        ("redirect", 502, "upstream_bad_response"),
     ],
 )
 def test_garbage_drops_and_silence_become_502_and_504(

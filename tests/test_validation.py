@@ -145,6 +145,8 @@ def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> N
         ("hello", "messages"),
         ([{"role": "user", "content": "a"}, "b"], "messages[1]"),
         ([{"role": "robot", "content": "a"}], "messages[0].role"),
+        ([{"role": ["user"], "content": "a"}], "messages[0].role"),
+        ([{"role": {"user": 1}, "content": "a"}], "messages[0].role"),
         ([{"content": "a"}], "messages[0].role"),
         ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}], "messages[1].role"),
         ([{"role": "user"}], "messages[0].content"),

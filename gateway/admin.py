@@ -1,0 +1,100 @@
+"""The admin API: usage reports and key management. The admin key is checked in the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.auth import KeyStore
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
+from gateway.reports import as_csv, as_json, usage_query
+from gateway.validate import parse_json_object
+
+ADMIN_PREFIX = "/admin"
+_NAME_LIMIT = 200
+
+
+class Conflict(GatewayError):
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class KeyMissing(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "key_not_found"
+
+
+def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
+    @api.get(f"{ADMIN_PREFIX}/usage")
+    async def usage(
+        group_by: str | None = None, since: str | None = None, until: str | None = None, format: str = "json"
+    ) -> Response:
+        if format not in ("json", "csv"):
+            raise InvalidRequest(f"format must be json or csv, got {format!r}", param="format")
+        query = usage_query(group_by, since, until)
+        totals = await asyncio.to_thread(ledger.usage, query.group_by, query.since_us, query.until_us)
+        if format == "csv":
+            return Response(as_csv(query.group_by, totals), media_type="text/csv")
+        return Response(as_json(query.group_by, totals), media_type="application/json")
+
+    @api.post(f"{ADMIN_PREFIX}/keys", status_code=201)
+    async def create_key(request: Request) -> JSONResponse:
+        name = _key_name(parse_json_object(await request.body()).get("name"))
+        if name in keys.static_names:
+            raise Conflict(f"A key named {name!r} is defined in the config file.", param="name")
+        try:
+            key = await asyncio.to_thread(ledger.create_key, name)
+        except KeyNameTaken:
+            raise Conflict(
+                f"A key named {name!r} exists or was revoked; names are never reused.", param="name"
+            ) from None
+        return JSONResponse({"name": name, "key": key}, status_code=201)
+
+    @api.get(f"{ADMIN_PREFIX}/keys")
+    async def list_keys() -> dict[str, Any]:
+        issued = await asyncio.to_thread(ledger.list_keys)
+        data: list[dict[str, Any]] = [
+            {"name": name, "source": "config", "created_at": None, "revoked_at": None}
+            for name in sorted(keys.static_names)
+        ]
+        data += [
+            {
+                "name": key.name,
+                "source": "issued",
+                "created_at": _iso(key.created_us),
+                "revoked_at": _iso(key.revoked_us),
+            }
+            for key in issued
+        ]
+        return {"data": data}
+
+    @api.delete(f"{ADMIN_PREFIX}/keys/{{name}}")
+    async def revoke_key(name: str) -> dict[str, Any]:
+        if name in keys.static_names:
+            raise Conflict(f"The key {name!r} is defined in the config file; remove it there.", param="name")
+        try:
+            key = await asyncio.to_thread(ledger.revoke_key, name)
+        except KeyNotFound:
+            raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
+        return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
+
+
+def _key_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("name must be a non-empty string", param="name")
+    if len(name) > _NAME_LIMIT or not name.isprintable():
+        raise InvalidRequest(f"name must be printable and at most {_NAME_LIMIT} characters", param="name")
+    return name
+
+
+def _iso(microseconds: int | None) -> str | None:
+    if microseconds is None:
+        return None
+    return datetime.fromtimestamp(microseconds / 1_000_000, UTC).isoformat().replace("+00:00", "Z")

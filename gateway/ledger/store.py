@@ -1,0 +1,225 @@
+"""The ledger database: booked requests, usage reports and issued keys, on SQLite or PostgreSQL.
+
+SQLAlchemy Core gives one implementation for both backends (the dialect differences are a few
+pragmas and the idempotent insert); Alembic creates and migrates the schema. Everything here is
+synchronous: the request path never calls it; the writer thread and `asyncio.to_thread` do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import alembic.command
+import alembic.config
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+
+from gateway.config import CallerKey
+from gateway.ledger.schema import api_keys, requests
+
+GROUPS = ("user", "key", "model", "day")
+_GROUP_COLUMNS = {
+    "user": requests.c.user,
+    "key": requests.c.key_name,
+    "model": requests.c.model,
+    "day": requests.c.day,
+}
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 7_416_501  # PostgreSQL advisory lock: one instance migrates at a time
+NANOS_PER_USD = Decimal(1_000_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    row_id: str
+    request_id: str
+    ts_us: int
+    day: str
+    key_name: str
+    user: str | None
+    model: str | None
+    stream: bool
+    outcome: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_nanos: int
+    usage_source: str
+    cost_source: str
+    latency_us: int
+    ttfb_us: int | None
+    service_tier: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    group: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_nanos: int
+
+    @property
+    def estimated_cost(self) -> Decimal:
+        """The exact total in USD."""
+        return usd(self.cost_nanos)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    name: str
+    created_us: int
+    revoked_us: int | None
+
+
+class KeyNameTaken(Exception):
+    """A key of that name exists or once existed."""
+
+
+class KeyNotFound(Exception):
+    """No issued key has that name."""
+
+
+def usd(nanos: int) -> Decimal:
+    """Nano-dollars as an exact decimal USD amount, without trailing zeros."""
+    value = (Decimal(nanos) / NANOS_PER_USD).normalize()
+    return value.quantize(Decimal(1)) if value == value.to_integral() else value
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The config's URL (`sqlite:///...`, `postgresql://...`) with the driver SQLAlchemy should use."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(sqlalchemy_url(url), pool_pre_ping=True)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest revision; safe to run from many instances."""
+        config = alembic.config.Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
+            config.attributes["connection"] = connection
+            alembic.command.upgrade(config, "head")
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def insert(self, rows: Sequence[LedgerRow]) -> None:
+        """Write rows in one transaction; rows already written (a retried batch) are skipped."""
+        dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
+        statement = dialect_insert(requests).on_conflict_do_nothing(index_elements=["row_id"])
+        with self.engine.begin() as connection:
+            connection.execute(statement, [asdict(row) for row in rows])
+
+    def usage(
+        self, group_by: str, since_us: int | None = None, until_us: int | None = None
+    ) -> list[UsageTotal]:
+        """Totals per group over [since, until), the biggest spenders first."""
+        group = _GROUP_COLUMNS[group_by]
+        cost = func.sum(requests.c.cost_nanos)
+        query = select(
+            group,
+            func.count(),
+            func.sum(requests.c.prompt_tokens),
+            func.sum(requests.c.completion_tokens),
+            func.sum(requests.c.total_tokens),
+            cost,
+        ).group_by(group)
+        if since_us is not None:
+            query = query.where(requests.c.ts_us >= since_us)
+        if until_us is not None:
+            query = query.where(requests.c.ts_us < until_us)
+        query = query.order_by(group) if group_by == "day" else query.order_by(cost.desc(), group)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [UsageTotal(row[0], *(int(value or 0) for value in row[1:])) for row in rows]
+
+    def count_rows(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(requests)).scalar_one())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every booked row, oldest first (for tests and exports)."""
+        with self.engine.connect() as connection:
+            result = connection.execute(select(requests).order_by(requests.c.ts_us))
+            return [dict(row._mapping) for row in result]
+
+    # --- issued keys ---------------------------------------------------------------------------------
+
+    def create_key(self, name: str) -> str:
+        """Issue a key; return it (the only time it is seen: only its SHA-256 is stored)."""
+        key = "sk-gw-" + secrets.token_urlsafe(32)
+        row = {"name": name, "sha256": hashlib.sha256(key.encode()).digest(), "created_us": _now_us()}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(api_keys), row)
+        except IntegrityError:
+            raise KeyNameTaken(name) from None
+        return key
+
+    def list_keys(self) -> list[IssuedKey]:
+        query = select(api_keys.c.name, api_keys.c.created_us, api_keys.c.revoked_us).order_by(
+            api_keys.c.name
+        )
+        with self.engine.connect() as connection:
+            return [IssuedKey(*row) for row in connection.execute(query)]
+
+    def revoke_key(self, name: str) -> IssuedKey:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(api_keys)
+                .where(api_keys.c.name == name, api_keys.c.revoked_us.is_(None))
+                .values(revoked_us=_now_us())
+            )
+            found = connection.execute(
+                select(api_keys.c.name, api_keys.c.created_us, api_keys.c.revoked_us).where(
+                    api_keys.c.name == name
+                )
+            ).first()
+        if found is None:
+            raise KeyNotFound(name)
+        return IssuedKey(*found)
+
+    def active_keys(self) -> list[CallerKey]:
+        query = select(api_keys.c.name, api_keys.c.sha256).where(api_keys.c.revoked_us.is_(None))
+        with self.engine.connect() as connection:
+            return [CallerKey(name=name, sha256=bytes(digest)) for name, digest in connection.execute(query)]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    # WAL lets readers (reports) run while the writer writes; busy_timeout lets worker processes
+    # sharing one file wait for each other instead of failing.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,109 @@
+"""Booking off the request path: rows go on a queue, a thread writes them to the ledger in batches.
+
+`book()` is a non-blocking put, the only thing the request path does. The thread takes what is
+queued (up to `batch_size`), writes it in one transaction, and goes back to waiting: a row is in
+the database within one write of being queued, well under a second. If the database fails, the
+rows stay queued and the thread retries with backoff, reporting the failure in `/readyz` and the
+logs. On close the queue is flushed. A hard kill loses what is still queued: at most the rows of
+the last write interval (typically the few milliseconds of one batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from gateway.ledger.store import Ledger, LedgerRow
+
+logger = logging.getLogger("gateway.ledger")
+
+_STOP = object()
+
+
+class LedgerWriter:
+    def __init__(self, ledger: Ledger, *, batch_size: int = 1000, max_backoff_s: float = 2.0) -> None:
+        self._ledger = ledger
+        self._batch_size = batch_size
+        self._max_backoff_s = max_backoff_s
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pending: list[LedgerRow] = []
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._deadline: float | None = None
+        self.failing = False
+        self.write_errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def book(self, row: LedgerRow) -> None:
+        self._queue.put(row)
+
+    @property
+    def depth(self) -> int:
+        """Rows booked but not yet written."""
+        return self._queue.qsize() + len(self._pending)
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Write everything queued (retrying up to `timeout_s`), then stop the thread."""
+        self._deadline = time.monotonic() + timeout_s
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s + 1)
+        if self.depth:
+            logger.error("ledger: %d booked rows could not be written before shutdown", self.depth)
+
+    def _run(self) -> None:
+        stopping = False
+        backoff = 0.05
+        while True:
+            stopping = self._collect(block=not self._pending and not stopping) or stopping
+            if self._pending:
+                if self._write():
+                    backoff = 0.05
+                elif stopping and self._deadline is not None and time.monotonic() > self._deadline:
+                    return
+                else:
+                    time.sleep(backoff)  # the database is down: wait before the retry
+                    backoff = min(backoff * 2, self._max_backoff_s)
+            if stopping and not self._pending and self._queue.empty():
+                return
+
+    def _collect(self, *, block: bool) -> bool:
+        """Move queued rows into the pending batch; True once the stop marker has been taken."""
+        try:
+            item = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        stopped = False
+        while True:
+            if item is _STOP:
+                stopped = True
+            else:
+                assert isinstance(item, LedgerRow)
+                self._pending.append(item)
+            if len(self._pending) >= self._batch_size:
+                return stopped
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return stopped
+
+    def _write(self) -> bool:
+        try:
+            self._ledger.insert(self._pending)
+        except Exception as error:  # any database failure: keep the rows, retry, say so
+            self.write_errors += 1
+            if not self.failing:
+                logger.error(
+                    "ledger write failed (%s); %d rows kept queued, retrying",
+                    type(error).__name__,
+                    self.depth,
+                )
+            self.failing = True
+            return False
+        if self.failing:
+            logger.warning("ledger writes recovered; %d rows written", len(self._pending))
+        self.failing = False
+        self._pending = []
+        return True
