@@ -133,7 +133,7 @@ class Booking:
     def _cost(self, result: Outcome, usage_source: str, prompt: int, completion: int) -> tuple[int, str]:
         if usage_source == "none" or self.model is None:
             return 0, "none"
-        if usage_source == "upstream" and result.usage is not None:
+        if usage_source == "upstream" and result.usage is not None and not result.cost_added:
             upstream = upstream_cost_nanos(result.usage.get("estimated_cost"))
             if upstream is not None:
                 return upstream, "upstream"
@@ -151,6 +151,7 @@ class Outcome(Protocol):
     status: int
     usage: dict[str, Any] | None
     usage_estimated: bool
+    cost_added: bool
     upstream_answered: bool
     content_chunks: int
     first_byte_at: float | None

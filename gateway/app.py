@@ -34,7 +34,7 @@ from gateway.asgi import (
 )
 from gateway.auth import AdminKey, KeyStore
 from gateway.chat import CHAT_PATHS, ChatCompletions
-from gateway.config import Config
+from gateway.config import Config, load_config
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
@@ -144,6 +144,11 @@ def create_app(config: Config) -> GatewayApp:
     _add_model_routes(api, config)
     add_admin_routes(api, ledger, keys)
     return GatewayApp(chat, api, keys, AdminKey(admin_key.get_secret_value() if admin_key else None))
+
+
+def app_from_environment() -> GatewayApp:
+    """The app factory for worker processes (`gateway serve --workers N`): config from $GATEWAY_CONFIG."""
+    return create_app(load_config(None))
 
 
 class LedgerUnreachable(Exception):

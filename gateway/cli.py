@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 import uvicorn
 
-from gateway.app import create_app
+from gateway.app import LedgerUnreachable, create_app, open_ledger
 from gateway.config import CONFIG_ENV, Config, ConfigError, SimulatorConfig, load_config
+from gateway.errors import InvalidRequest
+from gateway.ledger.store import GROUPS, KeyNameTaken, KeyNotFound, Ledger
+from gateway.reports import FORMATS, as_csv, as_json, as_table, usage_query
 from gateway.simulator import start_simulator
 
 config_option = click.option(
@@ -33,30 +40,38 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--host", default=None, help="Address to bind (default: server.host).")
+@click.option("--port", type=int, default=None, help="Port to bind (default: server.port; 0: a free one).")
 @click.option(
-    "--port", type=int, default=None, help="Port to bind (default: server.port; 0 picks a free one)."
+    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: server.workers)."
 )
-def serve(config_path: str | None, host: str | None, port: int | None) -> None:
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int | None) -> None:
     """Run the gateway."""
     config = _load(config_path)
+    with _ledger(config):  # an unreachable ledger stops the start here, with a clear message
+        pass
     logging.basicConfig(
         level=config.server.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config),
-            host=host or config.server.host,
-            port=config.server.port if port is None else port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_level=config.server.log_level,
-            access_log=config.server.access_log,
-            timeout_graceful_shutdown=math.ceil(config.server.shutdown_grace_s),
-            server_header=False,
-            proxy_headers=False,  # the gateway reads no client address: skip the per-request middleware
-        )
-    )
+    workers = workers or config.server.workers
+    settings: dict[str, Any] = {
+        "host": host or config.server.host,
+        "port": config.server.port if port is None else port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_level": config.server.log_level,
+        "access_log": config.server.access_log,
+        "timeout_graceful_shutdown": math.ceil(config.server.shutdown_grace_s),
+        "server_header": False,
+        "proxy_headers": False,  # the gateway reads no client address: skip the per-request middleware
+    }
+    if workers > 1:
+        # Each worker process builds its own app from the same file (named in the environment).
+        assert config_path is not None or CONFIG_ENV in os.environ
+        os.environ[CONFIG_ENV] = os.path.abspath(config_path or os.environ[CONFIG_ENV])
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, **settings)
+        return
+    server = uvicorn.Server(uvicorn.Config(create_app(config), **settings))
     server.run()
     if not server.started:
         sys.exit(3)
@@ -120,6 +135,96 @@ async def _run_simulator(settings: SimulatorConfig, host: str, port: int) -> Non
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await simulator.stop()
+
+
+@main.command()
+@config_option
+@click.option("--group-by", type=click.Choice(GROUPS), default="user", show_default=True)
+@click.option(
+    "--since", default=None, help="ISO 8601 date or time (UTC unless an offset is given), inclusive."
+)
+@click.option("--until", default=None, help="ISO 8601 date or time, exclusive.")
+@click.option("--format", "output", type=click.Choice(FORMATS), default="table", show_default=True)
+def usage(config_path: str | None, group_by: str, since: str | None, until: str | None, output: str) -> None:
+    """Print who spent what: totals per user, key, model or day (the same as GET /admin/usage)."""
+    try:
+        query = usage_query(group_by, since, until)
+    except InvalidRequest as error:
+        raise click.BadParameter(
+            error.message, param_hint=f"--{(error.param or '').replace('_', '-')}"
+        ) from None
+    with _ledger(_load(config_path)) as ledger:
+        totals = ledger.usage(query.group_by, query.since_us, query.until_us)
+    if output == "json":
+        click.echo(as_json(query.group_by, totals).decode())
+    elif output == "csv":
+        click.echo(as_csv(query.group_by, totals), nl=False)
+    else:
+        click.echo(as_table(query.group_by, totals), nl=False)
+
+
+@main.group()
+def keys() -> None:
+    """Issue, list and revoke gateway keys (kept in the ledger database)."""
+
+
+@keys.command("create")
+@config_option
+@click.argument("name")
+def keys_create(config_path: str | None, name: str) -> None:
+    """Issue a key for NAME and print it (the only time it is shown)."""
+    config = _load(config_path)
+    if name in {key.name for key in config.auth.keys}:
+        raise click.ClickException(f"a key named {name!r} is defined in the config file")
+    try:
+        with _ledger(config) as ledger:
+            click.echo(ledger.create_key(name))
+    except KeyNameTaken:
+        raise click.ClickException(
+            f"a key named {name!r} exists or was revoked; names are never reused"
+        ) from None
+
+
+@keys.command("list")
+@config_option
+def keys_list(config_path: str | None) -> None:
+    """List keys (never the keys themselves)."""
+    config = _load(config_path)
+    for static in config.auth.keys:
+        click.echo(f"{static.name}\tconfig")
+    with _ledger(config) as ledger:
+        issued = ledger.list_keys()
+    for key in issued:
+        state = "revoked" if key.revoked_us is not None else "active"
+        click.echo(f"{key.name}\tissued\t{state}")
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("name")
+def keys_revoke(config_path: str | None, name: str) -> None:
+    """Revoke the issued key NAME: every gateway rejects it within a second."""
+    try:
+        with _ledger(_load(config_path)) as ledger:
+            ledger.revoke_key(name)
+    except KeyNotFound:
+        raise click.ClickException(f"no issued key is named {name!r}") from None
+    click.echo(f"revoked {name}")
+
+
+@contextmanager
+def _ledger(config: Config) -> Iterator[Ledger]:
+    """The ledger, migrated; an unreachable one ends the command with a clear message (exit 4)."""
+    ledger = Ledger(config.ledger.url)
+    try:
+        try:
+            open_ledger(ledger, config.ledger.url)
+        except LedgerUnreachable as error:
+            click.echo(f"gateway: {error}", err=True)
+            sys.exit(4)
+        yield ledger
+    finally:
+        ledger.close()
 
 
 def _load(config_path: str | None) -> Config:

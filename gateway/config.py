@@ -65,6 +65,7 @@ class ServerConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     max_body_bytes: Annotated[int, Field(ge=1)] = 20_971_520
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30
+    workers: Annotated[int, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
 

@@ -41,6 +41,7 @@ class RelayResult:
     status: int
     usage: dict[str, Any] | None = None
     usage_estimated: bool = False
+    cost_added: bool = False  # the gateway filled in estimated_cost from the price table
     upstream_answered: bool = False  # upstream began an answer that may be billed
     content_chunks: int = 0
     first_byte_at: float | None = None
@@ -201,6 +202,7 @@ def _with_estimated_cost(
     completion_tokens = usage.get("completion_tokens")
     if isinstance(prompt_tokens, int) and isinstance(completion_tokens, int):
         usage["estimated_cost"] = float(cost_usd(request.model, prompt_tokens, completion_tokens))
+        result.cost_added = True
     payload["usage"] = result.usage = usage
     return orjson.dumps(payload)
 
@@ -243,7 +245,10 @@ async def relay_stream(
                 await send({"type": "http.response.body", "body": _error_event(_SHUTTING_DOWN)})
             raise
         watch.absorb_cancel()
-        result.outcome, result.status = "client_disconnected", 499
+        if tap.done:  # the caller had everything, [DONE] included, and hung up: that is a success
+            result.outcome = "ok"
+        else:
+            result.outcome, result.status = "client_disconnected", 499
     finally:
         watch.stop()
 

@@ -131,6 +131,8 @@ class Ledger:
 
     def insert(self, rows: Sequence[LedgerRow]) -> None:
         """Write rows in one transaction; rows already written (a retried batch) are skipped."""
+        if not rows:
+            return
         dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
         statement = dialect_insert(requests).on_conflict_do_nothing(index_elements=["row_id"])
         with self.engine.begin() as connection:

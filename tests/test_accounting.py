@@ -1,0 +1,315 @@
+"""Who spent what, end to end: SDK traffic through a real gateway, then its reports, on both backends."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from gateway.ledger.store import Ledger
+from tests.conftest import BOB_KEY, CAROL_KEY, auth_headers, chat
+from tests.ledgers import BACKENDS, ledger_database
+from tests.scenarios import USAGE
+from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
+
+ADMIN_KEY = "sk-admin-test-0a9f"
+UPSTREAM_NANOS = 26_800  # USAGE["estimated_cost"], USD 0.0000268
+PRICE_TABLE_NANOS = 31 * 49  # 15 + 16 tokens at USD 0.049 per million = 49 nano-dollars each
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def booked(
+    request: pytest.FixtureRequest, upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A gateway with its own fresh ledger on each backend, in front of the scripted upstream."""
+    tmp = tmp_path_factory.mktemp(f"booked-{request.param}")
+    with ledger_database(request.param, tmp) as url:
+        config = gateway_config(
+            upstream.base_url,
+            ledger={"url": url},
+            upstream={"read_timeout_s": 1.5},
+            auth={
+                "keys": [
+                    {"name": "alice", "key": CALLER_KEY},
+                    {"name": "bob", "key": BOB_KEY},
+                    {"name": "carol", "key": CAROL_KEY},
+                ]
+            },
+        )
+        env = {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+        process = GatewayProcess(config, tmp, env).start()
+        yield process
+        process.stop()
+
+
+def admin(gateway: GatewayProcess) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+
+
+def report(gateway: GatewayProcess, group_by: str, **params: str) -> dict[str, dict[str, Any]]:
+    with admin(gateway) as client:
+        response = client.get("/admin/usage", params={"group_by": group_by, **params})
+    assert response.status_code == 200, response.text
+    return {row[group_by]: row for row in response.json()["data"]}
+
+
+def row_count(gateway: GatewayProcess) -> int:
+    ledger = Ledger(gateway.ledger_url)
+    try:
+        return ledger.count_rows()
+    finally:
+        ledger.close()
+
+
+def wait_for_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
+    """Rows are written off the request path; the spec gives them one second to show."""
+    ledger = Ledger(gateway.ledger_url)
+    try:
+        deadline = time.monotonic() + 1.0
+        while ledger.count_rows() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def test_reports_equal_what_upstream_reported_to_the_nano_dollar(booked: GatewayProcess) -> None:
+    """A mix of plain and streamed requests from three keys and three users."""
+    before = row_count(booked)
+    expected: dict[str, list[int]] = {}  # user -> [requests, total tokens, nanos]
+    clients = {
+        key: openai.OpenAI(base_url=booked.url + "/v1/openai", api_key=key, max_retries=0)
+        for key in (CALLER_KEY, BOB_KEY, CAROL_KEY)
+    }
+    plan = [
+        (CALLER_KEY, "u-ann", "plain", "hi"),
+        (CALLER_KEY, "u-ann", "stream", "tricky"),
+        (BOB_KEY, "u-ben", "stream", "scenario:openai_usage"),
+        (BOB_KEY, "u-ann", "plain", "scenario:no_cost"),
+        (CAROL_KEY, "u-cy", "stream", "hi"),
+        (CAROL_KEY, "u-cy", "plain", "hi"),
+    ] * 3
+    for key, user, kind, content in plan:
+        messages = [{"role": "user", "content": content}]
+        if kind == "plain":
+            clients[key].chat.completions.create(model=MODEL, messages=messages, user=user)  # type: ignore[arg-type]
+        else:
+            list(clients[key].chat.completions.create(model=MODEL, messages=messages, user=user, stream=True))  # type: ignore[arg-type]
+        nanos = PRICE_TABLE_NANOS if content == "scenario:no_cost" else UPSTREAM_NANOS
+        totals = expected.setdefault(user, [0, 0, 0])
+        totals[0] += 1
+        totals[1] += USAGE["total_tokens"]
+        totals[2] += nanos
+    all_rows = wait_for_rows(booked, before + len(plan))
+
+    by_user = report(booked, "user")
+    for user, (requests, tokens, nanos) in expected.items():
+        assert by_user[user]["requests"] == requests
+        assert by_user[user]["total_tokens"] == tokens
+        assert Decimal(str(by_user[user]["estimated_cost"])) == Decimal(nanos) / 10**9
+
+    rows = [r for r in all_rows if r["user"] in expected]
+    assert {r["outcome"] for r in rows} == {"ok"}
+    assert {r["key_name"] for r in rows} == {"alice", "bob", "carol"}
+    assert sum(r["stream"] for r in rows) == 9
+    assert {r["cost_source"] for r in rows if r["cost_nanos"] == PRICE_TABLE_NANOS} == {"price_table"}
+    assert all(r["ttfb_us"] is not None and r["latency_us"] >= r["ttfb_us"] for r in rows if r["stream"])
+
+
+def test_usage_json_is_exact_decimal_text(booked: GatewayProcess) -> None:
+    with admin(booked) as client:
+        text = client.get("/admin/usage", params={"group_by": "model"}).text
+    assert '"estimated_cost":0.' in text and "e-" not in text
+
+
+def test_rejected_requests_are_booked_at_zero(booked: GatewayProcess) -> None:
+    user = f"u-{uuid.uuid4().hex[:6]}"
+    before = row_count(booked)
+    for body in (chat(temperature=3, user=user), chat(model="nope", user=user)):
+        assert httpx.post(
+            booked.url + "/v1/openai/chat/completions", json=body, headers=auth_headers()
+        ).status_code in (400, 404)
+    all_rows = wait_for_rows(booked, before + 2)
+    zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated_cost": 0}
+    assert report(booked, "user")[user] == {"user": user, "requests": 2, **zero}
+    rows = [r for r in all_rows if r["user"] == user]
+    assert sorted((r["outcome"], r["status"]) for r in rows) == [("rejected", 400), ("rejected", 404)]
+
+
+def test_an_abandoned_stream_is_booked_with_estimated_tokens(
+    booked: GatewayProcess, upstream: ScriptedUpstream
+) -> None:
+    request_id = str(uuid.uuid4())
+    before = row_count(booked)
+    with (
+        httpx.Client(base_url=booked.url, headers=auth_headers(request_id=request_id), timeout=10) as caller,
+        caller.stream(
+            "POST",
+            "/v1/openai/chat/completions",
+            json=chat("scenario:stream_hold", stream=True, user="u-gone"),
+        ) as response,
+    ):
+        next(response.iter_raw())
+    assert upstream.closed(request_id).wait(1.0)
+    (row,) = [r for r in wait_for_rows(booked, before + 1) if r["request_id"] == request_id]
+    assert row["outcome"] == "client_disconnected"
+    assert row["usage_source"] == "estimated" and row["completion_tokens"] == 1  # one content chunk was sent
+    assert row["prompt_tokens"] > 0 and row["cost_nanos"] == row["total_tokens"] * 49
+
+
+def test_upstream_failures_are_booked(booked: GatewayProcess) -> None:
+    user = f"u-{uuid.uuid4().hex[:6]}"
+    before = row_count(booked)
+    for scenario in ("rate_limited", "garbage", "stall"):
+        httpx.post(
+            booked.url + "/v1/openai/chat/completions",
+            json=chat(f"scenario:{scenario}", user=user),
+            headers=auth_headers(),
+            timeout=10,
+        )
+    rows = sorted(
+        (r["outcome"], r["status"], r["cost_nanos"])
+        for r in wait_for_rows(booked, before + 3)
+        if r["user"] == user
+    )
+    assert rows == [("timeout", 504, 0), ("upstream_error", 429, 0), ("upstream_error", 502, 0)]
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"group_by": "team"}, "group_by"),
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-13-01"}, "until"),
+        ({"since": "2026-11-26", "until": "2026-11-25"}, "since"),
+        ({"format": "xml"}, "format"),
+    ],
+)
+def test_bad_report_parameters_are_400_naming_them(
+    booked: GatewayProcess, params: dict[str, str], param: str
+) -> None:
+    with admin(booked) as client:
+        response = client.get("/admin/usage", params=params)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_time_ranges_and_csv(booked: GatewayProcess) -> None:
+    before = row_count(booked)
+    httpx.post(booked.url + "/v1/openai/chat/completions", json=chat(user="u-range"), headers=auth_headers())
+    wait_for_rows(booked, before + 1)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert today in report(booked, "day")
+    assert report(booked, "day", since="2000-01-01", until="2000-01-02") == {}
+    assert "u-range" in report(booked, "user", since=today + "T00:00:00+00:00")
+    with admin(booked) as client:
+        text = client.get("/admin/usage", params={"group_by": "key", "format": "csv"}).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert set(rows[0]) == {
+        "key",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated_cost",
+    }
+    assert {row["key"] for row in rows} >= {"alice"}
+
+
+def test_admin_routes_need_the_admin_key(booked: GatewayProcess) -> None:
+    for headers in ({}, auth_headers(), {"Authorization": f"Bearer {ADMIN_KEY}x"}):
+        for method, path in (
+            ("GET", "/admin/usage"),
+            ("GET", "/admin/keys"),
+            ("POST", "/admin/keys"),
+            ("DELETE", "/admin/keys/x"),
+        ):
+            assert httpx.request(method, booked.url + path, headers=headers).status_code == 401
+
+
+def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
+    name = f"dev-{uuid.uuid4().hex[:6]}"
+    with admin(booked) as client:
+        created = client.post("/admin/keys", json={"name": name})
+        assert created.status_code == 201
+        key = created.json()["key"]
+        assert client.post("/admin/keys", json={"name": name}).status_code == 409
+        assert client.post("/admin/keys", json={"name": "alice"}).status_code == 409
+        assert client.post("/admin/keys", json={"name": ""}).status_code == 400
+        listed = client.get("/admin/keys").json()["data"]
+        assert {"name": name, "source": "issued"}.items() <= next(
+            k for k in listed if k["name"] == name
+        ).items()
+        assert key not in str(listed)
+
+        url = booked.url + "/v1/openai/chat/completions"
+        assert_within_a_second(
+            lambda: httpx.post(url, json=chat(), headers=auth_headers(key)).status_code == 200
+        )
+        assert client.delete(f"/admin/keys/{name}").status_code == 200
+        assert_within_a_second(
+            lambda: httpx.post(url, json=chat(), headers=auth_headers(key)).status_code == 401
+        )
+        assert client.delete("/admin/keys/nobody").status_code == 404
+        assert client.delete("/admin/keys/alice").status_code == 409
+        assert client.post("/admin/keys", json={"name": name}).status_code == 409  # never reused
+
+
+def assert_within_a_second(condition: Any) -> None:
+    """Poll another process's state (there is no event to await across processes), for at most 1 s."""
+    deadline = time.monotonic() + 1.0
+    while not condition():
+        assert time.monotonic() < deadline, "not within a second"
+        time.sleep(0.05)
+
+
+def test_cli_usage_and_keys(booked: GatewayProcess, tmp_path: Path) -> None:
+    config = tmp_path / "cli.yaml"
+    config.write_text(f"ledger:\n  url: {booked.ledger_url}\n")
+    runner = CliRunner()
+    table = runner.invoke(main, ["usage", "--config", str(config), "--group-by", "key"])
+    assert table.exit_code == 0, table.output
+    assert table.output.splitlines()[0].split() == [
+        "key",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated_cost",
+    ]
+    assert "TOTAL" in table.output and "alice" in table.output
+    as_json = runner.invoke(main, ["usage", "--config", str(config), "--group-by", "key", "--format", "json"])
+    with admin(booked) as client:
+        assert as_json.output.strip() == client.get("/admin/usage", params={"group_by": "key"}).text
+    bad = runner.invoke(
+        main, ["usage", "--config", str(config), "--since", "2026-11-26", "--until", "2026-11-25"]
+    )
+    assert bad.exit_code == 2 and "since" in bad.output
+
+    created = runner.invoke(main, ["keys", "create", "--config", str(config), "cli-made"])
+    assert created.exit_code == 0 and created.output.startswith("sk-gw-")
+    assert "cli-made\tissued\tactive" in runner.invoke(main, ["keys", "list", "--config", str(config)]).output
+    assert runner.invoke(main, ["keys", "create", "--config", str(config), "cli-made"]).exit_code == 1
+    assert runner.invoke(main, ["keys", "revoke", "--config", str(config), "cli-made"]).exit_code == 0
+    assert (
+        "cli-made\tissued\trevoked" in runner.invoke(main, ["keys", "list", "--config", str(config)]).output
+    )
+
+
+def test_an_unreachable_ledger_stops_serve_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("ledger:\n  url: postgresql://postgres:hunter2@127.0.0.1:1/nowhere\n")
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 4
+    assert "ledger.url: cannot open the ledger" in result.output and "hunter2" not in result.output
