@@ -1,0 +1,170 @@
+"""Graceful shutdown loses no row; several instances on one PostgreSQL ledger add up exactly."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.ledger.store import Ledger
+from tests.conftest import auth_headers, chat
+from tests.ledgers import postgres_database
+from tests.scenarios import USAGE
+from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
+
+CHAT_PATH = "/v1/openai/chat/completions"
+ADMIN_KEY = "sk-admin-instances"
+
+
+def all_rows(url: str) -> list[dict[str, Any]]:
+    ledger = Ledger(url)
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def hold_stream(url: str, request_id: str, first_event: threading.Event, received: dict[str, bytes]) -> None:
+    """Open a stream that upstream never finishes; keep what arrives until the gateway ends it."""
+    body = chat("scenario:stream_hold", stream=True, user="u-held")
+    with (
+        httpx.Client(base_url=url, headers=auth_headers(request_id=request_id), timeout=30) as client,
+        client.stream("POST", CHAT_PATH, json=body) as response,
+    ):
+        data = b""
+        for chunk in response.iter_raw():
+            data += chunk
+            first_event.set()
+        received[request_id] = data
+
+
+def test_sigterm_ends_open_streams_with_an_error_event_and_books_every_request(
+    upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    config = gateway_config(upstream.base_url, server={"shutdown_grace_s": 1})
+    gateway = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
+    for _ in range(5):  # finished before the signal
+        assert (
+            httpx.post(gateway.url + CHAT_PATH, json=chat(user="u-done"), headers=auth_headers()).status_code
+            == 200
+        )
+    received: dict[str, bytes] = {}
+    threads, started = [], []
+    for _ in range(3):
+        first_event = threading.Event()
+        thread = threading.Thread(
+            target=hold_stream, args=(gateway.url, str(uuid.uuid4()), first_event, received)
+        )
+        thread.start()
+        threads.append(thread)
+        started.append(first_event)
+    assert all(event.wait(10) for event in started)
+
+    assert gateway.process is not None
+    gateway.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(15)
+    # uvicorn re-raises the signal it caught once its shutdown is done: exiting "by SIGTERM" is normal.
+    assert gateway.stop() in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in gateway.logs()
+
+    assert len(received) == 3
+    for data in received.values():
+        last = data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+        assert b"[DONE]" not in data
+    rows = all_rows(gateway.ledger_url)
+    assert sorted(r["outcome"] for r in rows) == ["ok"] * 5 + ["shutdown"] * 3
+    held = [r for r in rows if r["outcome"] == "shutdown"]
+    assert {r["request_id"] for r in held} == set(received)
+    assert all(r["usage_source"] == "estimated" and r["completion_tokens"] == 1 for r in held)
+
+
+@pytest.fixture
+def two_instances(
+    upstream: ScriptedUpstream, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, GatewayProcess, str]]:
+    with postgres_database() as url:
+        env = {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+        first = GatewayProcess(gateway_config(upstream.base_url, ledger={"url": url}), tmp_path, env).start()
+        second = GatewayProcess(gateway_config(upstream.base_url, ledger={"url": url}), tmp_path, env).start()
+        try:
+            yield first, second, url
+        finally:
+            first.stop()
+            second.stop()
+
+
+def test_two_instances_on_one_postgresql_ledger_add_up_exactly(
+    two_instances: tuple[GatewayProcess, GatewayProcess, str],
+) -> None:
+    first, second, url = two_instances
+    plan = [
+        (instance, kind, f"u-{n % 5}")
+        for n in range(120)
+        for instance, kind in [((first, second)[n % 2], ("plain", "stream")[n // 2 % 2])]
+    ]
+
+    def send(step: tuple[GatewayProcess, str, str]) -> int:
+        instance, kind, user = step
+        body = chat("hi", user=user, stream=kind == "stream")
+        with httpx.Client(timeout=30) as client:
+            response = client.post(instance.url + CHAT_PATH, json=body, headers=auth_headers())
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        assert set(pool.map(send, plan)) == {200}
+
+    deadline = time.monotonic() + 1.0
+    while len(all_rows(url)) < len(plan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = all_rows(url)
+    assert len(rows) == len(plan)
+    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        for instance in (first, second):
+            totals = admin.get(instance.url + "/admin/usage", params={"group_by": "key"}).json()["data"]
+            assert totals == [
+                {
+                    "key": "alice",
+                    "requests": len(plan),
+                    "prompt_tokens": USAGE["prompt_tokens"] * len(plan),
+                    "completion_tokens": USAGE["completion_tokens"] * len(plan),
+                    "total_tokens": USAGE["total_tokens"] * len(plan),
+                    "estimated_cost": float(Decimal("0.0000268") * len(plan)),
+                }
+            ]
+            text = admin.get(instance.url + "/admin/usage", params={"group_by": "key"}).text
+            exact = format((Decimal("0.0000268") * len(plan)).normalize(), "f")
+            assert f'"estimated_cost":{exact}' in text  # exact decimal text, never a float's
+
+        # A key issued on one instance works on the other; revoked on one, refused by the other in 1 s.
+        key = admin.post(first.url + "/admin/keys", json={"name": "shared"}).json()["key"]
+        wait_until(
+            lambda: (
+                httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code == 200
+            )
+        )
+        assert admin.delete(first.url + "/admin/keys/shared").status_code == 200
+        wait_until(
+            lambda: (
+                httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code == 401
+            )
+        )
+
+
+def wait_until(condition: Any, within_s: float = 1.0) -> None:
+    """Poll another process's state (no event crosses processes), for at most `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within_s} s"
+        time.sleep(0.05)
