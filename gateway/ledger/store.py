@@ -11,16 +11,15 @@ import hashlib
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import alembic.command
 import alembic.config
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from gateway.config import CallerKey
@@ -59,6 +58,10 @@ class LedgerRow:
     latency_us: int
     ttfb_us: int | None
     service_tier: str | None
+
+
+_ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))
+_row_values = attrgetter(*_ROW_FIELDS)  # dataclasses.asdict deep-copies: too slow for thousands of rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,13 @@ class Ledger:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        columns = ", ".join(f'"{name}"' for name in _ROW_FIELDS)
+        marker = "?" if self.is_sqlite else "%s"
+        values = ", ".join([marker] * len(_ROW_FIELDS))
+        # Idempotent: a batch retried after an ambiguous failure is written once (row_id is the key).
+        self._insert_sql = (
+            f"INSERT INTO requests ({columns}) VALUES ({values}) ON CONFLICT (row_id) DO NOTHING"  # noqa: S608 - fixed column names
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -133,10 +143,10 @@ class Ledger:
         """Write rows in one transaction; rows already written (a retried batch) are skipped."""
         if not rows:
             return
-        dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
-        statement = dialect_insert(requests).on_conflict_do_nothing(index_elements=["row_id"])
+        # The driver's own executemany with plain tuples: SQLAlchemy's per-row parameter handling costs
+        # 5x more, and this thread shares the interpreter lock with the event loop.
         with self.engine.begin() as connection:
-            connection.execute(statement, [asdict(row) for row in rows])
+            connection.exec_driver_sql(self._insert_sql, [_row_values(row) for row in rows])
 
     def usage(
         self, group_by: str, since_us: int | None = None, until_us: int | None = None
