@@ -10,25 +10,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import KeyStore
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import Conflict, InvalidRequest, KeyMissing
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import as_csv, as_json, usage_query
 from gateway.validate import parse_json_object
 
 ADMIN_PREFIX = "/admin"
 _NAME_LIMIT = 200
-
-
-class Conflict(GatewayError):
-    status = 409
-    error_type = "invalid_request_error"
-    default_code = "conflict"
-
-
-class KeyMissing(GatewayError):
-    status = 404
-    error_type = "invalid_request_error"
-    default_code = "key_not_found"
 
 
 def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:

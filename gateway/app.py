@@ -94,8 +94,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        caller_id = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), None)
-        request_id = request_id_for(caller_id)
+        request_id = request_id_for(read_headers(scope).request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -67,8 +67,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     }
     if workers > 1:
         # Each worker process builds its own app from the same file (named in the environment).
-        assert config_path is not None or CONFIG_ENV in os.environ
-        os.environ[CONFIG_ENV] = os.path.abspath(config_path or os.environ[CONFIG_ENV])
+        assert config_path is not None  # _load succeeded: click took it from --config or $GATEWAY_CONFIG
+        os.environ[CONFIG_ENV] = os.path.abspath(config_path)
         uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, **settings)
         return
     server = uvicorn.Server(uvicorn.Config(create_app(config), **settings))

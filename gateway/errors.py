@@ -5,7 +5,9 @@
     ├── Unauthorized         401  missing, unknown or revoked key
     ├── NotFound             404  unknown route
     ├── ModelNotFound        404  a model the gateway does not serve
+    ├── KeyMissing           404  no issued key of that name (admin API)
     ├── MethodNotAllowed     405
+    ├── Conflict             409  a key name in use, once revoked, or from the config file
     ├── PayloadTooLarge      413
     ├── UpstreamUnavailable  502  upstream unreachable, or it answered garbage
     └── UpstreamTimeout      504  no byte from upstream for read_timeout_s
@@ -73,10 +75,22 @@ class ModelNotFound(GatewayError):
     default_code = "model_not_found"
 
 
+class KeyMissing(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "key_not_found"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class PayloadTooLarge(GatewayError):

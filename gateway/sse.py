@@ -34,7 +34,6 @@ class StreamTap:
         "_withhold_usage_only",
         "content_chunks",
         "done",
-        "events",
         "service_tier",
         "usage",
     )
@@ -44,7 +43,6 @@ class StreamTap:
         self._pending = b""  # the start of an event whose end has not arrived yet
         self.usage: dict[str, Any] | None = None
         self.service_tier: Any = None
-        self.events = 0
         self.content_chunks = 0  # events with non-empty content: the estimate if usage never comes
         self.done = False
 
@@ -80,7 +78,6 @@ class StreamTap:
 
     def _inspect(self, data: bytes, start: int, end: int) -> bool:
         """Note what one complete event says; True if it is a usage-only chunk."""
-        self.events += 1
         if data.startswith(_DONE_PREFIXES, start):
             self.done = True
             return False

@@ -32,7 +32,6 @@ class ChatRequest:
     model: ModelConfig
     stream: bool
     caller_wants_usage: bool
-    user: str | None
     upstream_body: bytes
     body: dict[str, Any]
 
@@ -48,12 +47,10 @@ def check_chat_request(body: dict[str, Any], raw: bytes, models: Mapping[str, Mo
     stream = body.get("stream") is True
     stream_options = body.get("stream_options")
     caller_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-    user = body.get("user")
     return ChatRequest(
         model=model,
         stream=stream,
         caller_wants_usage=caller_wants_usage,
-        user=user,
         upstream_body=_upstream_body(raw, body, stream, caller_wants_usage),
         body=body,
     )
