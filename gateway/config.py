@@ -83,6 +83,9 @@ def _default_models() -> tuple[ModelConfig, ...]:
 
 class LedgerConfig(_Section):
     url: str = "sqlite:///./gateway.db"
+    url_env: str | None = (
+        None  # env var holding the URL instead (a PostgreSQL password stays out of the file)
+    )
 
 
 class AdminConfig(_Section):
@@ -195,7 +198,18 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
-    return config.model_copy(update={"secrets": _resolve_secrets(config, environ)})
+    return config.model_copy(
+        update={"secrets": _resolve_secrets(config, environ), "ledger": _ledger(config, environ)}
+    )
+
+
+def _ledger(config: Config, environ: Mapping[str, str]) -> LedgerConfig:
+    if config.ledger.url_env is None:
+        return config.ledger
+    url = environ.get(config.ledger.url_env)
+    if not url:
+        raise ConfigError(f"ledger.url_env: environment variable {config.ledger.url_env} is not set")
+    return config.ledger.model_copy(update={"url": url})
 
 
 def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:

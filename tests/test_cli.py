@@ -43,6 +43,7 @@ def serve_with(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> 
         ("auth:\n  keys:\n    - {name: a, key_env: NOT_SET_ANYWHERE}\n", "auth.keys[0].key_env"),
         ("auth:\n  keys:\n    - {name: a, key_sha256: abc}\n", "auth.keys[0]"),
         ("upstream:\n  require_token: true\n", "upstream.token_env"),
+        ("ledger:\n  url_env: NO_SUCH_LEDGER_VAR\n", "ledger.url_env"),
         ("secrets: {}\n", "secrets: unknown key"),
         ("- just\n- a list\n", "mapping"),
         ("server: [\n", "not valid YAML"),
@@ -80,6 +81,11 @@ def test_the_example_config_is_valid_and_documents_the_defaults() -> None:
         assert f"\n{section_name}:" in text
         for key in section:
             assert re.search(rf"^\s+{key}:", text, re.MULTILINE), f"{section_name}.{key} is not documented"
+
+
+def test_ledger_url_from_env(tmp_path: Path) -> None:
+    config = parse_config("ledger:\n  url_env: LEDGER\n", {"LEDGER": "postgresql://u:pw@db:5432/x"})
+    assert config.ledger.url == "postgresql://u:pw@db:5432/x"
 
 
 def test_config_from_env_var_and_token_from_env(tmp_path: Path) -> None:

@@ -41,5 +41,8 @@ def test_compose_runs_two_instances_on_one_postgresql_ledger() -> None:
         service = compose["services"][name]
         assert any(volume.startswith("./deploy/compose-config.yaml:") for volume in service["volumes"])
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
-    config = load_config(config_path, environ={"ALICE_GATEWAY_KEY": "k", "GATEWAY_ADMIN_KEY": "a"})
-    assert config.ledger.url.startswith("postgresql://") and "@postgres:5432/" in config.ledger.url
+    ledger_url = compose["services"][gateways[0]]["environment"]["GATEWAY_LEDGER_URL"]
+    assert ledger_url.startswith("postgresql://") and "@postgres:5432/" in ledger_url
+    environ = {"ALICE_GATEWAY_KEY": "k", "GATEWAY_ADMIN_KEY": "a", "GATEWAY_LEDGER_URL": ledger_url}
+    assert load_config(config_path, environ=environ).ledger.url == ledger_url
+    assert "postgresql://" not in config_path.read_text()  # the password stays out of the file
