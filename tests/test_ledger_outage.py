@@ -1,0 +1,73 @@
+"""A ledger that fails at run time: the gateway keeps serving, keeps the rows, says so, and catches up."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from gateway.ledger.store import Ledger
+from tests.conftest import auth_headers, chat
+from tests.ledgers import postgres_database
+from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
+
+CHAT_PATH = "/v1/openai/chat/completions"
+
+
+@pytest.fixture
+def gateway_on_postgres(upstream: ScriptedUpstream, tmp_path: Path) -> Iterator[tuple[GatewayProcess, str]]:
+    with postgres_database() as url:
+        config = gateway_config(upstream.base_url, ledger={"url": url})
+        process = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
+        try:
+            yield process, url
+        finally:
+            process.stop()
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> None:
+    """Poll another process's state (no event crosses processes), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.05)
+
+
+def row_count(url: str) -> int:
+    ledger = Ledger(url)
+    try:
+        return ledger.count_rows()
+    finally:
+        ledger.close()
+
+
+def test_rows_survive_a_ledger_outage(gateway_on_postgres: tuple[GatewayProcess, str]) -> None:
+    gateway, url = gateway_on_postgres
+    ready = gateway.url + "/readyz"
+    for _ in range(3):
+        assert httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
+    within(1.0, lambda: row_count(url) == 3)
+
+    with psycopg.connect(url, autocommit=True) as database:
+        database.execute("ALTER TABLE requests RENAME TO requests_away")  # every write now fails
+        try:
+            for _ in range(5):  # the gateway keeps serving
+                response = httpx.post(gateway.url + CHAT_PATH, json=chat(stream=True), headers=auth_headers())
+                assert response.status_code == 200
+            within(2.0, lambda: httpx.get(ready).status_code == 503)
+            body = httpx.get(ready).json()
+            assert body["ledger"] == "failing" and body["ledger_queue"] == 5
+            assert re.search(
+                r"ledger write failed \(ProgrammingError\); \d rows kept queued, retrying", gateway.logs()
+            )
+        finally:
+            database.execute("ALTER TABLE requests_away RENAME TO requests")
+
+    within(5.0, lambda: httpx.get(ready).status_code == 200)  # retries back off up to 2 s
+    assert row_count(url) == 8
+    assert "ledger writes recovered" in gateway.logs()
