@@ -7,7 +7,7 @@ import io
 import time
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from gateway.cli import main
 from gateway.ledger.store import Ledger
@@ -26,6 +28,8 @@ from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, Scr
 ADMIN_KEY = "sk-admin-test-0a9f"
 UPSTREAM_NANOS = 26_800  # USAGE["estimated_cost"], USD 0.0000268
 PRICE_TABLE_NANOS = 31 * 49  # 15 + 16 tokens at USD 0.049 per million = 49 nano-dollars each
+ODD_MODEL = "acme/odd-prices"
+ODD_PRICES = (Decimal("0.0517"), Decimal("0.0833"))  # sub-nano-dollar prices per token: rounding shows
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -47,6 +51,14 @@ def booked(
                 ]
             },
         )
+        config["models"] = [
+            {"name": MODEL, "input_usd_per_mtok": "0.049", "output_usd_per_mtok": "0.049"},
+            {
+                "name": ODD_MODEL,
+                "input_usd_per_mtok": str(ODD_PRICES[0]),
+                "output_usd_per_mtok": str(ODD_PRICES[1]),
+            },
+        ]
         env = {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
         process = GatewayProcess(config, tmp, env).start()
         yield process
@@ -125,6 +137,64 @@ def test_reports_equal_what_upstream_reported_to_the_nano_dollar(booked: Gateway
     assert sum(r["stream"] for r in rows) == 9
     assert {r["cost_source"] for r in rows if r["cost_nanos"] == PRICE_TABLE_NANOS} == {"price_table"}
     assert all(r["ttfb_us"] is not None and r["latency_us"] >= r["ttfb_us"] for r in rows if r["stream"])
+
+
+def price_table_nanos(model: str) -> int:
+    """15 prompt and 16 completion tokens at the model's prices, rounded half-even to the nano-dollar."""
+    prompt_price, completion_price = (
+        ODD_PRICES if model == ODD_MODEL else (Decimal("0.049"), Decimal("0.049"))
+    )
+    exact = (15 * prompt_price + 16 * completion_price) * 1000  # USD per million tokens -> nano-dollars
+    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+# kind -> (content, extra body fields, (tokens, nano-dollars upstream reports; None: the price table's))
+KINDS: dict[str, tuple[str, dict[str, Any], tuple[int, int | None]]] = {
+    "plain": ("hi", {}, (31, UPSTREAM_NANOS)),
+    "stream": ("tricky", {"stream": True}, (31, UPSTREAM_NANOS)),
+    "openai_stream": ("scenario:openai_usage", {"stream": True}, (31, UPSTREAM_NANOS)),
+    "no_cost": ("scenario:no_cost", {}, (31, None)),
+    "rejected": ("hi", {"temperature": 3}, (0, 0)),
+    "upstream_429": ("scenario:rate_limited", {}, (0, 0)),
+    "upstream_garbage": ("scenario:garbage", {"stream": True}, (0, 0)),
+}
+mixes = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(KINDS)),
+        st.sampled_from([MODEL, ODD_MODEL]),
+        st.sampled_from([CALLER_KEY, BOB_KEY]),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=10, deadline=None)
+@given(mix=mixes)
+@example(
+    mix=[
+        ("no_cost", ODD_MODEL, CALLER_KEY),
+        ("no_cost", ODD_MODEL, BOB_KEY),
+        ("upstream_garbage", MODEL, BOB_KEY),
+    ]
+)
+def test_any_mix_of_requests_outcomes_and_prices_adds_up_exactly(
+    booked: GatewayProcess, mix: list[tuple[str, str, str]]
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    before = row_count(booked)
+    tokens = nanos = 0
+    with httpx.Client(base_url=booked.url, timeout=10) as client:
+        for kind, model, key in mix:
+            content, extra, (kind_tokens, kind_nanos) = KINDS[kind]
+            body = {**chat(content, model=model, user=user), **extra}
+            client.post("/v1/openai/chat/completions", json=body, headers=auth_headers(key)).read()
+            tokens += kind_tokens
+            nanos += price_table_nanos(model) if kind_nanos is None else kind_nanos
+    wait_for_rows(booked, before + len(mix))
+    total = report(booked, "user")[user]
+    assert (total["requests"], total["total_tokens"]) == (len(mix), tokens)
+    assert Decimal(str(total["estimated_cost"])) == Decimal(nanos) / 10**9
 
 
 def test_usage_json_is_exact_decimal_text(booked: GatewayProcess) -> None:
