@@ -38,6 +38,7 @@ class GatewayProcess:
         self.config_path = tmp / f"gateway-{id(self)}.yaml"
         config.setdefault("ledger", {}).setdefault("url", f"sqlite:///{tmp}/ledger-{id(self)}.db")
         self.ledger_url: str = config["ledger"]["url"]
+        self._workers = int(config.get("server", {}).get("workers", 1))
         self.config_path.write_text(yaml.safe_dump(config))
         self._cwd = tmp
         self.log_path = tmp / f"gateway-{id(self)}.log"
@@ -53,6 +54,8 @@ class GatewayProcess:
             command, stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd
         )
         port = self._wait_for(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
+        # With several workers the parent announces the port before the workers listen: wait for each.
+        self._wait_for(rb"(?:Application startup complete[^\n]*\n[\s\S]*){%d}" % self._workers, timeout)
         self.url = f"http://127.0.0.1:{int(port)}"
         return self
 
@@ -66,7 +69,7 @@ class GatewayProcess:
                 seen += log.read()
                 match = re.search(pattern, seen)
                 if match:
-                    return match.group(1)
+                    return match.group(match.lastindex or 0)
                 if self.process.poll() is not None:
                     raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{seen.decode()}")
                 time.sleep(0.02)  # polling a file: there is no event to await

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -13,21 +16,37 @@ import pytest
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import postgres_database
+from tests.ledgers import BACKENDS, ledger_database
 from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
 
 
-@pytest.fixture
-def gateway_on_postgres(upstream: ScriptedUpstream, tmp_path: Path) -> Iterator[tuple[GatewayProcess, str]]:
-    with postgres_database() as url:
+@pytest.fixture(params=BACKENDS)
+def gateway_with_ledger(
+    request: pytest.FixtureRequest, upstream: ScriptedUpstream, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, str]]:
+    with ledger_database(request.param, tmp_path) as url:
         config = gateway_config(upstream.base_url, ledger={"url": url})
         process = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
         try:
             yield process, url
         finally:
             process.stop()
+
+
+@contextmanager
+def connect(url: str) -> Iterator[Any]:
+    """A plain connection of the test's own to the ledger database, outside the gateway."""
+    if url.startswith("sqlite:///"):
+        database = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            yield database
+        finally:
+            database.close()
+    else:
+        with psycopg.connect(url, autocommit=True) as database:
+            yield database
 
 
 def within(seconds: float, condition: Callable[[], bool]) -> None:
@@ -46,14 +65,14 @@ def row_count(url: str) -> int:
         ledger.close()
 
 
-def test_rows_survive_a_ledger_outage(gateway_on_postgres: tuple[GatewayProcess, str]) -> None:
-    gateway, url = gateway_on_postgres
+def test_rows_survive_a_ledger_outage(gateway_with_ledger: tuple[GatewayProcess, str]) -> None:
+    gateway, url = gateway_with_ledger
     ready = gateway.url + "/readyz"
     for _ in range(3):
         assert httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
     within(1.0, lambda: row_count(url) == 3)
 
-    with psycopg.connect(url, autocommit=True) as database:
+    with connect(url) as database:
         database.execute("ALTER TABLE requests RENAME TO requests_away")  # every write now fails
         try:
             for _ in range(5):  # the gateway keeps serving
@@ -63,7 +82,8 @@ def test_rows_survive_a_ledger_outage(gateway_on_postgres: tuple[GatewayProcess,
             body = httpx.get(ready).json()
             assert body["ledger"] == "failing" and body["ledger_queue"] == 5
             assert re.search(
-                r"ledger write failed \(ProgrammingError\); \d rows kept queued, retrying", gateway.logs()
+                r"ledger write failed \((Programming|Operational)Error\); \d rows kept queued, retrying",
+                gateway.logs(),
             )
         finally:
             database.execute("ALTER TABLE requests_away RENAME TO requests")

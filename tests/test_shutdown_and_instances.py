@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import postgres_database
+from tests.ledgers import BACKENDS, ledger_database, postgres_database
 from tests.scenarios import USAGE
 from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
@@ -48,10 +49,16 @@ def hold_stream(url: str, request_id: str, first_event: threading.Event, receive
         received[request_id] = data
 
 
+@pytest.fixture(params=BACKENDS)
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with ledger_database(request.param, tmp_path) as url:
+        yield url
+
+
 def test_sigterm_ends_open_streams_with_an_error_event_and_books_every_request(
-    upstream: ScriptedUpstream, tmp_path: Path
+    upstream: ScriptedUpstream, tmp_path: Path, ledger_url: str
 ) -> None:
-    config = gateway_config(upstream.base_url, server={"shutdown_grace_s": 1})
+    config = gateway_config(upstream.base_url, server={"shutdown_grace_s": 1}, ledger={"url": ledger_url})
     gateway = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
     for _ in range(5):  # finished before the signal
         assert (
@@ -160,6 +167,55 @@ def test_two_instances_on_one_postgresql_ledger_add_up_exactly(
                 httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code == 401
             )
         )
+
+
+def test_worker_processes_share_one_ledger_and_one_key_set(
+    upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    env = {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+    gateway = GatewayProcess(gateway_config(upstream.base_url, server={"workers": 2}), tmp_path, env).start()
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+            key = admin.post(gateway.url + "/admin/keys", json={"name": "team"}).json()["key"]
+
+            def every_worker_says(status: int) -> bool:  # 12 fresh connections land on both workers
+                codes = {
+                    httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code
+                    for _ in range(12)
+                }
+                return codes == {status}
+
+            wait_until(lambda: every_worker_says(200))
+            assert admin.delete(gateway.url + "/admin/keys/team").status_code == 200
+            wait_until(lambda: every_worker_says(401))
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                statuses = list(
+                    pool.map(
+                        lambda n: (
+                            httpx.post(
+                                gateway.url + CHAT_PATH, json=chat(user=f"w{n % 3}"), headers=auth_headers()
+                            ).status_code
+                        ),
+                        range(60),
+                    )
+                )
+            assert set(statuses) == {200}
+            wait_until(
+                lambda: (
+                    sum(
+                        r["requests"]
+                        for r in admin.get(gateway.url + "/admin/usage", params={"group_by": "user"}).json()[
+                            "data"
+                        ]
+                        if r["user"] in ("w0", "w1", "w2")
+                    )
+                    == 60
+                )
+            )
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", gateway.logs()))) == 2
+    finally:
+        gateway.stop()
 
 
 def wait_until(condition: Any, within_s: float = 1.0) -> None:
