@@ -6,14 +6,15 @@ until the moment a number is written into a JSON answer for the caller.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol, TypeGuard
 
 from gateway.config import ModelConfig
+from gateway.ids import new_id
 from gateway.ledger.store import NANOS_PER_USD, LedgerRow
 
 MILLION = Decimal(1_000_000)
@@ -93,10 +94,10 @@ class Booking:
         user, model = body.get("user"), body.get("model")
         finished = time.monotonic()
         return LedgerRow(
-            row_id=uuid.uuid4().hex,
+            row_id=new_id(self.wall_us),
             request_id=self.request_id,
             ts_us=self.wall_us,
-            day=time.strftime("%Y-%m-%d", time.gmtime(self.wall_us / 1_000_000)),
+            day=utc_day(self.wall_us),
             key_name=self.key_name,
             user=user if isinstance(user, str) else None,
             model=model if isinstance(model, str) else None,
@@ -138,6 +139,16 @@ class Booking:
             if upstream is not None:
                 return upstream, "upstream"
         return nanos(cost_usd(self.model, prompt, completion)), "price_table"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_day_of(day_number: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day_number * 86_400))
+
+
+def utc_day(wall_us: int) -> str:
+    """The UTC date of a time in epoch microseconds, as YYYY-MM-DD (formatted once a day)."""
+    return _utc_day_of(wall_us // 86_400_000_000)
 
 
 def _is_count(value: Any) -> TypeGuard[int]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.ids import new_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,7 +48,7 @@ def request_id_for(caller_id: bytes | None) -> bytes:
     """The caller's x-request-id when it is a sane header value, else a new one."""
     if caller_id is not None and _VALID_REQUEST_ID.fullmatch(caller_id):
         return caller_id
-    return uuid.uuid4().hex.encode()
+    return new_id().encode()
 
 
 async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:

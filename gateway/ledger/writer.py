@@ -79,21 +79,21 @@ class LedgerWriter:
             item = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
         except queue.Empty:
             return False
-        stopped = False
-        gather_until = time.monotonic() + self._linger_s
+        if item is not _STOP:
+            # Let rows gather by sleeping, then take them all at once: waiting on the queue instead
+            # would wake this thread (and take the interpreter lock from the event loop) once a row.
+            time.sleep(self._linger_s)
         while True:
             if item is _STOP:
-                stopped = True
-            else:
-                assert isinstance(item, LedgerRow)
-                self._pending.append(item)
+                return True
+            assert isinstance(item, LedgerRow)
+            self._pending.append(item)
             if len(self._pending) >= self._batch_size:
-                return stopped
+                return False
             try:
-                wait = 0.0 if stopped else gather_until - time.monotonic()
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                return stopped
+                return False
 
     def _write(self) -> bool:
         try:
