@@ -5,7 +5,10 @@ One nginx server, one worker, three path prefixes; each serves `<prefix>/v1/open
 - `/instant`: a fixed `chat.completion` JSON reply (usage with `estimated_cost`), at once;
 - `/slow`: the same reply after 50 ms (`echo_sleep 0.05`);
 - `/sse`: a `text/event-stream` of 32 `chat.completion.chunk` events 2 ms apart, the last content chunk
-  (`finish_reason: stop`, empty delta) carrying `usage`, then `data: [DONE]`.
+  (`finish_reason: stop`, empty delta) carrying `usage`, then `data: [DONE]`;
+- `/trickle`: the same 32 events 0.5 s apart (16 s a stream): slow streams, for the memory benchmark;
+- `/mixed`: `/sse` for a request whose `X-Request-Id` starts with `sse-` (the gateway passes the
+  caller's on), `/slow` for any other: one upstream for the soak's mix of plain requests and streams.
 
 The request body is read (`echo_read_request_body`) and ignored. `/healthz` answers 200.
 """
@@ -22,9 +25,11 @@ REPLY_ID = "chatcmpl-bench"
 STREAM_EVENTS = 32
 STREAM_GAP_S = 0.002
 SLOW_DELAY_S = 0.05
+TRICKLE_GAP_S = 0.5
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 
-_WORDS = "Hello there, this is a fixed reply from the fake upstream used by the gateway benchmark.".split()
+REPLY_CONTENT = "Hello there, this is a fixed reply from the fake upstream used by the gateway benchmark."
+_WORDS = REPLY_CONTENT.split()
 
 
 def completion() -> dict[str, object]:
@@ -101,18 +106,25 @@ def nginx_conf(port: int, workdir: Path) -> str:
     locations = (
         _location("instant", "application/json", json_reply)
         + _location("slow", "application/json", [f"echo_sleep {SLOW_DELAY_S};", *json_reply])
-        + _location("sse", "text/event-stream", _sse_lines())
+        + _location("sse", "text/event-stream", _sse_lines(STREAM_GAP_S))
+        + _location("trickle", "text/event-stream", _sse_lines(TRICKLE_GAP_S))
     )
     user = "user root;\n" if os.geteuid() == 0 else ""  # as root, workers would drop to `nobody`
+    locations += (
+        "    location = /mixed/v1/openai/chat/completions {\n"
+        '      if ($http_x_request_id ~ "^sse-") { rewrite ^ /sse/v1/openai/chat/completions last; }\n'
+        "      rewrite ^ /slow/v1/openai/chat/completions last;\n"
+        "    }\n"
+    )
     return _CONF.format(echo_module=ECHO_MODULE, user=user, workdir=workdir, port=port, locations=locations)
 
 
-def _sse_lines() -> list[str]:
-    """Each event is written and flushed on its own, `STREAM_GAP_S` after the one before."""
+def _sse_lines(gap_s: float) -> list[str]:
+    """Each event is written and flushed on its own, `gap_s` after the one before."""
     lines: list[str] = []
     for index, chunk in enumerate(stream_chunks()):
         if index > 0:
-            lines.append(f"echo_sleep {STREAM_GAP_S};")
+            lines.append(f"echo_sleep {gap_s};")
         lines += [_echo("data: " + orjson.dumps(chunk).decode(), event=True), "echo_flush;"]
     lines.append(_echo("data: [DONE]", event=True))
     return lines

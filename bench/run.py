@@ -1,12 +1,15 @@
-"""The benchmark in one command: nginx as a fake upstream; direct, gateway and minimal proxy side by side.
+"""The benchmark in one command: nginx as a fake upstream; every system side by side in one run.
 
-    bench/run.sh [--duration 8] [--quick] [--json bench/results/latest.json]
+    bench/run.sh [--duration 8] [--quick] [--no-litellm] [--json bench/results/latest.json]
 
 Starts nginx (see `fake_upstream.py`), then measures, one system at a time: nginx directly, the
-gateway (one worker) and the minimal FastAPI + aiohttp proxy (`minimal_proxy.py`). A proxied system
-is started once per upstream behaviour (instant, 50 ms, SSE), pointed at that nginx location, and
-stopped after its cases. Plain requests are driven by wrk with `post.lua`; streams by `sse_client.py`.
-Prints the table and the derived figures (see `report.py`) and writes everything to a JSON file.
+gateway (one worker), the gateway with one worker per core (throughput only: the scaling case), the
+minimal FastAPI + aiohttp proxy and the same on httpx (`minimal_proxy.py`), and LiteLLM's proxy
+(`litellm.py`, its own virtualenv). A proxied system is started once per upstream behaviour
+(instant, 50 ms, SSE), pointed at that nginx location, and stopped after its cases. Plain requests
+are driven by wrk with `post.lua`; streams by `sse_client.py`. The CPU time a system's processes
+use during the throughput case is read from /proc. Prints the tables and the derived figures (see
+`report.py`) and writes everything to a JSON file.
 Exit status: 0 for a valid run, 1 if any case had errors, 2 if the run could not be done at all.
 """
 
@@ -25,10 +28,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import fake_upstream
+import litellm_proxy as litellm
 import processes
 import report
 import sse_client
@@ -43,7 +48,9 @@ PROBE_BODY = json.dumps(
     {"model": fake_upstream.MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 ).encode()
 PROBE_HEADERS = sse_client.HEADERS
-PACKAGES = ("gateway", "aiohttp", "fastapi", "uvicorn", "uvloop", "httptools", "orjson")
+PACKAGES = ("gateway", "aiohttp", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "httpx")
+WORKERS = os.cpu_count() or 1  # the scaling case: one gateway worker per core
+THROUGHPUT_ONLY = {"gateway_workers"}
 
 
 class BenchError(RuntimeError):
@@ -54,10 +61,12 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally blocks run and clean up
     duration = 2 if args.quick else args.duration
+    processes.raise_open_files_limit()
+    systems = [system for system in report.SYSTEMS if system != "litellm" or not args.no_litellm]
     try:
         require_tools()
         meta = run_meta(duration, args.quick)
-        results, logs = run_all(duration)
+        results, logs = run_all(systems, duration)
     except (BenchError, processes.StartFailed) as error:
         print(f"benchmark could not run: {error}", file=sys.stderr)
         return 2
@@ -65,6 +74,8 @@ def main() -> int:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
     meta["load_average_after"] = os.getloadavg()
+    if args.no_litellm:
+        results["litellm"] = {"skipped": "not run (--no-litellm)"}
     full = report.build(results, meta, logs)
     print("\n" + report.format_text(full))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -73,13 +84,13 @@ def main() -> int:
     return 0 if full["valid"] else 1
 
 
-def run_all(duration: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def run_all(systems: list[str], duration: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Every case of every system, against one nginx that lives for the whole run; and the logs."""
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
         try:
             with nginx(workdir) as nginx_url:
-                results = {system: measure(system, nginx_url, workdir, duration) for system in report.SYSTEMS}
+                results = {system: measure(system, nginx_url, workdir, duration) for system in systems}
         finally:
             logs = collect_logs(workdir)
             for name, text in logs.items():
@@ -101,6 +112,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark: nginx directly, the gateway, the minimal proxy.")
     parser.add_argument("--duration", type=int, default=8, help="seconds per case (default 8)")
     parser.add_argument("--quick", action="store_true", help="2 s per case: a smoke check")
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument(
         "--json", type=Path, default=BENCH_DIR / "results" / "latest.json", help="result file"
     )
@@ -127,17 +139,27 @@ def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[s
     """All cases of one system; a system that fails is recorded as failed and the run goes on."""
     cases: dict[str, Any] = {}
     try:
-        with serve(system, "instant", nginx_url, workdir) as url:
-            probe(url)
-            cases["warmup_instant"] = wrk(url, 32, WARMUP_S)
-            cases["instant_c32"] = show(system, "instant_c32", wrk(url, 32, duration))
-        with serve(system, "slow", nginx_url, workdir) as url:
-            probe(url)
-            cases["warmup_slow"] = wrk(url, 32, WARMUP_S)
-            cases["slow_c1"] = show(system, "slow_c1", wrk(url, 1, duration))
-            cases["slow_c32"] = show(system, "slow_c32", wrk(url, 32, duration))
-        with serve(system, "sse", nginx_url, workdir) as url:
-            streams = sse_client.run(url, SSE_CONCURRENCY, SSE_TOTAL, duration)
+        if system == "litellm" and (missing := litellm.missing()):
+            return {"skipped": missing}
+        with serve(system, "instant", nginx_url, workdir) as server:
+            probe(server.url)
+            cases["warmup_instant"] = wrk(server.url, 32, WARMUP_S)
+            cpu_before = server.cpu_seconds()
+            cases["instant_c32"] = wrk(server.url, 32, duration)
+            cpu_after = server.cpu_seconds()
+            if cpu_before is not None and cpu_after is not None:
+                cases["instant_c32"]["cpu_s"] = cpu_after - cpu_before
+            show(system, "instant_c32", cases["instant_c32"])
+        if system in THROUGHPUT_ONLY:
+            return cases
+        with serve(system, "slow", nginx_url, workdir) as server:
+            probe(server.url)
+            cases["warmup_slow"] = wrk(server.url, 32, WARMUP_S)
+            cases["slow_c1"] = show(system, "slow_c1", wrk(server.url, 1, duration))
+            cases["slow_c32"] = show(system, "slow_c32", wrk(server.url, 32, duration))
+        with serve(system, "sse", nginx_url, workdir) as server:
+            cases["sse_c1"] = show(system, "sse_c1", sse_client.run(server.url, 1, SSE_TOTAL, duration))
+            streams = sse_client.run(server.url, SSE_CONCURRENCY, SSE_TOTAL, duration)
             cases["sse_c32"] = show(system, "sse_c32", streams)
     except (BenchError, processes.StartFailed) as error:
         print(f"{system}: FAILED: {error}", file=sys.stderr)
@@ -145,28 +167,47 @@ def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[s
     return cases
 
 
+@dataclass(frozen=True)
+class Server:
+    """A system being measured: its chat completions URL, and its process (None for nginx directly)."""
+
+    url: str
+    process: subprocess.Popen[bytes] | None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time its processes have used so far (None for nginx directly: not measured)."""
+        return None if self.process is None else processes.cpu_seconds(self.process.pid)
+
+
 @contextmanager
-def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[str]:
-    """Run `system` in front of nginx's `kind` location (instant, slow, sse); yield its chat URL."""
+def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[Server]:
+    """Run `system` in front of nginx's `kind` location (instant, slow, sse, ...) until the block ends."""
     upstream_base = f"{nginx_url}/{kind}/v1/openai"
     if system == "direct":
-        yield upstream_base + "/chat/completions"
+        yield Server(upstream_base + "/chat/completions", None)
         return
     port = processes.free_port()
     log = workdir / f"{system}-{kind}.log"
-    if system == "gateway":
-        argv = gateway_argv(upstream_base, port, workdir / f"gateway-{kind}.yaml", workdir)
+    path, ready_path, env = CHAT_PATH, "/healthz", None
+    if system in ("gateway", "gateway_workers"):
+        workers = WORKERS if system == "gateway_workers" else 1
+        argv = gateway_argv(upstream_base, port, workdir / f"{system}-{kind}.yaml", workdir, workers)
         env = {**os.environ, "DEEPINFRA_TOKEN": "bench-upstream-token"}
+    elif system == "litellm":
+        argv = litellm.argv(upstream_base, port, workdir / f"litellm-{kind}.yaml")
+        path, ready_path, env = litellm.CHAT_PATH, litellm.READY_PATH, litellm.environment()
     else:
         argv = [sys.executable, str(BENCH_DIR / "minimal_proxy.py"), "--port", str(port)]
         argv += ["--upstream", upstream_base + "/chat/completions"]
         argv += ["--client", "httpx" if system == "minimal_httpx" else "aiohttp"]
-        env = None
-    with processes.running(argv, f"http://127.0.0.1:{port}/healthz", log, env=env, cwd=workdir):
-        yield f"http://127.0.0.1:{port}{CHAT_PATH}"
+    base = f"http://127.0.0.1:{port}"
+    with processes.running(argv, base + ready_path, log, env=env, cwd=workdir) as process:
+        yield Server(base + path, process)
 
 
-def gateway_argv(upstream_base: str, port: int, config_path: Path, workdir: Path) -> list[str]:
+def gateway_argv(
+    upstream_base: str, port: int, config_path: Path, workdir: Path, workers: int = 1
+) -> list[str]:
     """Write the gateway's config (JSON is YAML) and return the command that serves it."""
     config = {
         "upstream": {"base_url": upstream_base},
@@ -175,7 +216,8 @@ def gateway_argv(upstream_base: str, port: int, config_path: Path, workdir: Path
         "auth": {"keys": [{"name": "bench", "key": "sk-bench"}]},
     }
     config_path.write_text(json.dumps(config, indent=2))
-    return [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port)]
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(port)]
+    return [*argv, "--workers", str(workers)] if workers > 1 else argv
 
 
 def probe(url: str) -> None:
@@ -187,7 +229,9 @@ def probe(url: str) -> None:
     except OSError as error:  # urllib's HTTPError (non-2xx) is an OSError too
         raise BenchError(f"probe POST {url} failed: {error}") from None
     reply = json.loads(body) if body.startswith(b"{") else {}
-    if status != 200 or reply.get("id") != fake_upstream.REPLY_ID:
+    choices = reply.get("choices") or [{}]
+    content = choices[0].get("message", {}).get("content")
+    if status != 200 or content != fake_upstream.REPLY_CONTENT:
         raise BenchError(f"probe POST {url}: HTTP {status}, unexpected body {body[:300]!r}")
 
 
@@ -196,11 +240,17 @@ def wrk(url: str, connections: int, duration: int) -> dict[str, Any]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
     argv += ["-s", str(BENCH_DIR / "post.lua"), url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
-    if done.returncode != 0 or not lines:
-        raise BenchError(f"wrk exited {done.returncode} without a result:\n{done.stdout}{done.stderr}")
-    result: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH "))
+    result = parse_wrk(done.stdout + done.stderr, done.returncode)
     result["connections"] = connections
+    return result
+
+
+def parse_wrk(output: str, returncode: int) -> dict[str, Any]:
+    """The numbers of wrk's `BENCH {...}` line (see post.lua), plus req/s."""
+    lines = [line for line in output.splitlines() if line.startswith("BENCH ")]
+    if returncode != 0 or not lines:
+        raise BenchError(f"wrk exited {returncode} without a result:\n{output}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH "))
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     return result
 
@@ -215,7 +265,7 @@ def show(system: str, case: str, result: dict[str, Any]) -> dict[str, Any]:
         ttfb, total = result["ttfb_ms"]["p50"], result["total_ms"]["p50"]
         errors = sum(result["failures"].values()) + sum(result["warmup_failures"].values())
         figures = f"{result['ok']} streams  TTFB p50 {ttfb} ms  total p50 {total} ms"
-    print(f"{system:<8} {case:<12} {figures}  errors {errors}", flush=True)
+    print(f"{system:<15} {case:<12} {figures}  errors {errors}", flush=True)
     return result
 
 
@@ -245,6 +295,8 @@ def run_meta(duration: int, quick: bool) -> dict[str, Any]:
         ),
         "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
         "sse": {"concurrency": SSE_CONCURRENCY, "max_streams": SSE_TOTAL},
+        "gateway_workers": WORKERS,
+        "litellm": litellm.version(),
     }
 
 

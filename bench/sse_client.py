@@ -19,7 +19,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -42,38 +44,56 @@ class Streams:
     failures: Counter[str] = field(default_factory=Counter)
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, streams: Streams) -> None:
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, streams: Streams, headers: dict[str, str] = HEADERS
+) -> None:
     """Run one streaming request; record its timings, or why it failed."""
+    timings = await read_stream(session, url, headers=headers)
+    if isinstance(timings, str):
+        streams.failures[timings] += 1
+    else:
+        streams.ttfb.append(timings[0])
+        streams.total.append(timings[1])
+
+
+async def read_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    on_first_byte: Callable[[], None] | None = None,
+    headers: dict[str, str] = HEADERS,
+) -> tuple[float, float] | str:
+    """One streaming request read to its end: (seconds to the first byte, to the end), or why it failed."""
     started = time.perf_counter()
     first_byte: float | None = None
     tail = b""
     try:
-        async with session.post(url, data=BODY, headers=HEADERS) as response:
+        async with session.post(url, data=BODY, headers=headers) as response:
             async for chunk in response.content.iter_any():
                 if first_byte is None:
                     first_byte = time.perf_counter()
+                    if on_first_byte is not None:
+                        on_first_byte()
                 tail = (tail + chunk)[-len(DONE) :]
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as error:
-        streams.failures[type(error).__name__] += 1
-        return
+        return type(error).__name__
     ended = time.perf_counter()
     if status != 200:
-        streams.failures[f"HTTP {status}"] += 1
-    elif first_byte is None or not tail.endswith(DONE):
-        streams.failures["no [DONE] at the end"] += 1
-    else:
-        streams.ttfb.append(first_byte - started)
-        streams.total.append(ended - started)
+        return f"HTTP {status}"
+    if first_byte is None or not tail.endswith(DONE):
+        return "no [DONE] at the end"
+    return first_byte - started, ended - started
 
 
-async def run_streams(url: str, concurrency: int, total: int, duration_s: float) -> dict[str, object]:
+async def run_streams(
+    url: str, concurrency: int, total: int, duration_s: float, headers: dict[str, str] = HEADERS
+) -> dict[str, Any]:
     """Warm up, then run up to `total` streams for at most `duration_s`; return the summary."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=STREAM_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         warmup = Streams()
-        await asyncio.gather(*(one_stream(session, url, warmup) for _ in range(concurrency)))
+        await asyncio.gather(*(one_stream(session, url, warmup, headers) for _ in range(concurrency)))
         streams = Streams()
         tickets = iter(range(total))
         deadline = time.perf_counter() + duration_s
@@ -81,7 +101,7 @@ async def run_streams(url: str, concurrency: int, total: int, duration_s: float)
         async def worker(index: int) -> None:
             await asyncio.sleep(index * STAGGER_S)
             while time.perf_counter() < deadline and next(tickets, None) is not None:
-                await one_stream(session, url, streams)
+                await one_stream(session, url, streams, headers)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(index) for index in range(concurrency)))
@@ -89,13 +109,15 @@ async def run_streams(url: str, concurrency: int, total: int, duration_s: float)
     return summarize(streams, warmup, concurrency, elapsed)
 
 
-def run(url: str, concurrency: int, total: int, duration_s: float) -> dict[str, object]:
+def run(
+    url: str, concurrency: int, total: int, duration_s: float, headers: dict[str, str] = HEADERS
+) -> dict[str, Any]:
     """`run_streams` on uvloop (installed with uvicorn[standard]): half the client CPU of asyncio's loop."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_streams(url, concurrency, total, duration_s))
+        return runner.run(run_streams(url, concurrency, total, duration_s, headers))
 
 
-def summarize(streams: Streams, warmup: Streams, concurrency: int, elapsed_s: float) -> dict[str, object]:
+def summarize(streams: Streams, warmup: Streams, concurrency: int, elapsed_s: float) -> dict[str, Any]:
     """The run as plain data: counts, failures and p50/p99 in milliseconds."""
     return {
         "concurrency": concurrency,
