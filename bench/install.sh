@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the benchmarks need, installed where missing: Debian's nginx, its echo module and wrk; the
-# project with its test extras in .venv (they bring httpx for the minimal_httpx proxy); and, unless
+# project with its test and bench extras in .venv (httpx for the minimal_httpx proxy, py-spy); and, unless
 # --no-litellm is among the arguments, LiteLLM's proxy (pinned, see litellm_proxy.py) in its own venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,7 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null \
   apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-echo wrk
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,bench]'
 case " $* " in
   *" --no-litellm "*) ;;
   *)

@@ -30,14 +30,17 @@ STREAM_COLUMNS = (
     ("ttfb_p99", "TTFB p99", "{:.2f}"),
     ("stream_p50", "SSE p50", "{:.1f}"),
     ("stream_p99", "SSE p99", "{:.1f}"),
+    ("paced_ttfb_c1", "paced TTFB", "{:.2f}"),
+    ("paced_stream_c1", "paced SSE", "{:.1f}"),
 )
 COLUMNS = PLAIN_COLUMNS + STREAM_COLUMNS
 LEGEND = (
     "req/s@32: requests per second at 32 connections, 0 ms upstream; CPU us/req: CPU time of the\n"
     "system's processes per request in that case.  p50/p99@N: latency in ms at N connections, 50 ms\n"
     "upstream.  TTFB / SSE: time to first byte / to the end of a stream of 32 events 2 ms apart, ms:\n"
-    "@1 one stream at a time (p50), p50/p99 32 concurrent streams.  errors: socket errors + non-2xx\n"
-    "+ failed streams.  The gateway with N workers is measured for throughput only (scaling)."
+    "@1 one stream at a time (p50), p50/p99 32 concurrent streams; paced: one stream at a time (p50)\n"
+    "from paced_upstream.py, which sends on an absolute schedule (nginx's echo_sleep drifts).  errors:\n"
+    "socket errors + non-2xx + failed streams.  The gateway with N workers: throughput only (scaling)."
 )
 Row = dict[str, Any]
 
@@ -66,7 +69,7 @@ def row(cases: dict[str, Any]) -> Row:
     if "failed" in cases or "skipped" in cases:
         return {key: None for key, _, _ in COLUMNS}
     instant = cases.get("instant_c32", {})
-    sse, sse_c1 = cases.get("sse_c32", {}), cases.get("sse_c1", {})
+    sse, sse_c1, paced = cases.get("sse_c32", {}), cases.get("sse_c1", {}), cases.get("sse_paced_c1", {})
     cpu_s = instant.get("cpu_s")
     return {
         "rps_c32": instant.get("rps"),
@@ -81,6 +84,8 @@ def row(cases: dict[str, Any]) -> Row:
         "ttfb_p99": sse.get("ttfb_ms", {}).get("p99"),
         "stream_p50": sse.get("total_ms", {}).get("p50"),
         "stream_p99": sse.get("total_ms", {}).get("p99"),
+        "paced_ttfb_c1": paced.get("ttfb_ms", {}).get("p50"),
+        "paced_stream_c1": paced.get("total_ms", {}).get("p50"),
         "errors": sum(_error_count(result) for result in cases.values()),
     }
 
@@ -146,6 +151,7 @@ def derive(rows: dict[str, Row], workers: int) -> dict[str, Any]:
         },
         "sse_ttfb_over_direct_ms": {
             "c1": {name: _minus(r["ttfb_c1"], direct["ttfb_c1"]) for name, r in proxies},
+            "paced_c1": {name: _minus(r["paced_ttfb_c1"], direct["paced_ttfb_c1"]) for name, r in proxies},
             "c32": {
                 name: {pct: _minus(r[f"ttfb_{pct}"], direct[f"ttfb_{pct}"]) for pct in ("p50", "p99")}
                 for name, r in proxies
@@ -153,6 +159,9 @@ def derive(rows: dict[str, Row], workers: int) -> dict[str, Any]:
         },
         "sse_total_over_direct_pct": {
             "c1": {name: _percent_over(r["stream_c1"], direct["stream_c1"]) for name, r in proxies},
+            "paced_c1": {
+                name: _percent_over(r["paced_stream_c1"], direct["paced_stream_c1"]) for name, r in proxies
+            },
             "c32": {
                 name: {
                     pct: _percent_over(r[f"stream_{pct}"], direct[f"stream_{pct}"]) for pct in ("p50", "p99")
@@ -195,6 +204,8 @@ def targets(derived: dict[str, Any]) -> list[dict[str, Any]]:
         ("gateway added / minimal added, p99 at 32", ratio["p99"], "<=", 1.25),
         ("SSE TTFB over direct, 1 stream, p50 (ms)", ttfb["c1"]["gateway"], "<=", 1.0),
         ("SSE stream time over direct, 1 stream (%)", total["c1"]["gateway"], "<=", 2.0),
+        ("SSE TTFB over direct, 1 paced stream (ms)", ttfb["paced_c1"]["gateway"], "<=", 1.0),
+        ("SSE stream time over direct, 1 paced stream (%)", total["paced_c1"]["gateway"], "<=", 2.0),
         ("SSE TTFB over direct, 32 streams, p50 (ms)", ttfb["c32"]["gateway"]["p50"], "<=", 1.0),
         ("SSE stream time over direct, 32 streams (%)", total["c32"]["gateway"]["p50"], "<=", 2.0),
         (
@@ -277,6 +288,10 @@ def _derived_lines(derived: dict[str, Any]) -> list[str]:
         f"SSE TTFB over direct, ms:   1 stream: gateway {_fmt(ttfb['c1']['gateway'], '{:+.2f}')}"
         f"  minimal {_fmt(ttfb['c1']['minimal'], '{:+.2f}')};   32 streams: gateway "
         f"{pair(ttfb['c32']['gateway'], '{:+.2f}')}   minimal {pair(ttfb['c32']['minimal'], '{:+.2f}')}",
+        f"SSE over direct, 1 paced stream: TTFB ms gateway {_fmt(ttfb['paced_c1']['gateway'], '{:+.2f}')}"
+        f"  minimal {_fmt(ttfb['paced_c1']['minimal'], '{:+.2f}')};   stream time % gateway "
+        f"{_fmt(total['paced_c1']['gateway'], '{:+.1f}')}"
+        f"  minimal {_fmt(total['paced_c1']['minimal'], '{:+.1f}')}",
         f"SSE stream time over direct, %:  1 stream: gateway {_fmt(total['c1']['gateway'], '{:+.1f}')}"
         f"  minimal {_fmt(total['c1']['minimal'], '{:+.1f}')};   32 streams: gateway "
         f"{pair(total['c32']['gateway'], '{:+.1f}')}   minimal {pair(total['c32']['minimal'], '{:+.1f}')}",

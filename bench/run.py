@@ -51,6 +51,7 @@ PROBE_HEADERS = sse_client.HEADERS
 PACKAGES = ("gateway", "aiohttp", "fastapi", "uvicorn", "uvloop", "httptools", "orjson", "httpx")
 WORKERS = os.cpu_count() or 1  # the scaling case: one gateway worker per core
 THROUGHPUT_ONLY = {"gateway_workers"}
+PACED = {"direct", "gateway", "minimal"}  # the systems also measured on the paced upstream
 
 
 class BenchError(RuntimeError):
@@ -89,8 +90,10 @@ def run_all(systems: list[str], duration: int) -> tuple[dict[str, dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            with nginx(workdir) as nginx_url:
-                results = {system: measure(system, nginx_url, workdir, duration) for system in systems}
+            with nginx(workdir) as nginx_url, paced_upstream(workdir) as paced_url:
+                results = {
+                    system: measure(system, nginx_url, paced_url, workdir, duration) for system in systems
+                }
         finally:
             logs = collect_logs(workdir)
             for name, text in logs.items():
@@ -135,7 +138,17 @@ def nginx(workdir: Path) -> Iterator[str]:
         yield base
 
 
-def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[str, Any]:
+@contextmanager
+def paced_upstream(workdir: Path) -> Iterator[str]:
+    """Run `paced_upstream.py` (the SSE stream on an absolute schedule); yield its base URL."""
+    port = processes.free_port()
+    argv = [sys.executable, str(BENCH_DIR / "paced_upstream.py"), "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with processes.running(argv, f"{base}/healthz", workdir / "paced-upstream.log"):
+        yield base
+
+
+def measure(system: str, nginx_url: str, paced_url: str, workdir: Path, duration: int) -> dict[str, Any]:
     """All cases of one system; a system that fails is recorded as failed and the run goes on."""
     cases: dict[str, Any] = {}
     try:
@@ -161,6 +174,10 @@ def measure(system: str, nginx_url: str, workdir: Path, duration: int) -> dict[s
             cases["sse_c1"] = show(system, "sse_c1", sse_client.run(server.url, 1, SSE_TOTAL, duration))
             streams = sse_client.run(server.url, SSE_CONCURRENCY, SSE_TOTAL, duration)
             cases["sse_c32"] = show(system, "sse_c32", streams)
+        if system in PACED:
+            with serve(system, "paced", paced_url, workdir) as server:
+                streams = sse_client.run(server.url, 1, SSE_TOTAL, duration)
+                cases["sse_paced_c1"] = show(system, "sse_paced_c1", streams)
     except (BenchError, processes.StartFailed) as error:
         print(f"{system}: FAILED: {error}", file=sys.stderr)
         return {**cases, "failed": str(error)}
@@ -180,8 +197,11 @@ class Server:
 
 
 @contextmanager
-def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[Server]:
-    """Run `system` in front of nginx's `kind` location (instant, slow, sse, ...) until the block ends."""
+def serve(
+    system: str, kind: str, nginx_url: str, workdir: Path, server_settings: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Run `system` in front of nginx's `kind` location (instant, slow, sse, ...) until the block ends;
+    `server_settings` go into the gateway's `server` section (choices.py: loop, http)."""
     upstream_base = f"{nginx_url}/{kind}/v1/openai"
     if system == "direct":
         yield Server(upstream_base + "/chat/completions", None)
@@ -191,7 +211,8 @@ def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[Ser
     path, ready_path, env = CHAT_PATH, "/healthz", None
     if system in ("gateway", "gateway_workers"):
         workers = WORKERS if system == "gateway_workers" else 1
-        argv = gateway_argv(upstream_base, port, workdir / f"{system}-{kind}.yaml", workdir, workers)
+        config_path = workdir / f"{system}-{kind}.yaml"
+        argv = gateway_argv(upstream_base, port, config_path, workdir, workers, server_settings)
         env = {**os.environ, "DEEPINFRA_TOKEN": "bench-upstream-token"}
     elif system == "litellm":
         argv = litellm.argv(upstream_base, port, workdir / f"litellm-{kind}.yaml")
@@ -206,12 +227,18 @@ def serve(system: str, kind: str, nginx_url: str, workdir: Path) -> Iterator[Ser
 
 
 def gateway_argv(
-    upstream_base: str, port: int, config_path: Path, workdir: Path, workers: int = 1
+    upstream_base: str,
+    port: int,
+    config_path: Path,
+    workdir: Path,
+    workers: int = 1,
+    server_settings: dict[str, str] | None = None,
 ) -> list[str]:
     """Write the gateway's config (JSON is YAML) and return the command that serves it."""
+    server = {"log_level": "warning", "access_log": False, "shutdown_grace_s": 2, **(server_settings or {})}
     config = {
         "upstream": {"base_url": upstream_base},
-        "server": {"log_level": "warning", "access_log": False, "shutdown_grace_s": 2},
+        "server": server,
         "ledger": {"url": f"sqlite:///{workdir}/{config_path.stem}.db"},
         "auth": {"keys": [{"name": "bench", "key": "sk-bench"}]},
     }

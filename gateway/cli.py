@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 from collections.abc import Iterator
@@ -52,12 +53,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     logging.basicConfig(
         level=config.server.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
+    raise_open_files_limit()
     workers = workers or config.server.workers
     settings: dict[str, Any] = {
         "host": host or config.server.host,
         "port": config.server.port if port is None else port,
-        "loop": "uvloop",
-        "http": "httptools",
+        "loop": config.server.loop,
+        "http": config.server.http,
         "lifespan": "on",
         "log_level": config.server.log_level,
         "access_log": config.server.access_log,
@@ -75,6 +77,15 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     server.run()
     if not server.started:
         sys.exit(3)
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one (workers inherit it). Each stream holds two
+    sockets, the caller's and upstream's: at the usual soft limit of 1,024, the 512th concurrent
+    stream would fail with "too many open files" on a machine that allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @main.command()

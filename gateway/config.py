@@ -68,6 +68,10 @@ class ServerConfig(_Section):
     workers: Annotated[int, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
+    # uvloop and httptools are the fast defaults (README, "Why these libraries"); the pure-Python
+    # ones are there for platforms without those wheels, and for the benchmark that compares them.
+    loop: Literal["uvloop", "asyncio"] = "uvloop"
+    http: Literal["httptools", "h11"] = "httptools"
 
 
 class ModelConfig(_Section):

@@ -223,38 +223,56 @@ async def relay_stream(
     """
     watch = DisconnectWatch(receive)
     tap = StreamTap(withhold_usage_only=not request.caller_wants_usage)
+    ended = False  # the caller's response is complete
     try:
         response = await upstream.post(request.upstream_body, request_id)
         if response.status >= 400 or not response.content_type.startswith("text/event-stream"):
             await _relay_json(upstream, response, request, request_id, send, result, watch)
             return
+        reusable = False
         try:
             last = await _pump_events(upstream, response, tap, request_id, send, result)
+            watch.stop()  # the end of the response is not a disconnect
+            await send({"type": "http.response.body", "body": last})
+            ended = True
+            # The caller's response ended with [DONE]; upstream's own end (normally right behind it)
+            # is read now, so that its connection can go back to the pool. Any other is closed at once.
+            reusable = result.outcome == "ok" and await _read_to_end(response)
         finally:
-            # A finished stream's connection goes back to the pool; any other is closed at once.
-            if result.outcome == "ok":
+            if reusable:
                 response.release()
             else:
                 response.close()
-        watch.stop()  # the end of the response is not a disconnect
-        await send({"type": "http.response.body", "body": last})
     except asyncio.CancelledError:
         _note_stream(result, tap)
-        if not watch.caller_left:
-            result.outcome = "shutdown"
-            if result.upstream_answered:
-                await send({"type": "http.response.body", "body": _error_event(_SHUTTING_DOWN)})
-            raise
-        watch.absorb_cancel()
-        if tap.done:  # the caller had everything, [DONE] included, and hung up: that is a success
+        if tap.done:  # the caller had everything, [DONE] included: a success, whoever cancelled
             result.outcome = "ok"
+        elif not watch.caller_left:
+            result.outcome = "shutdown"
+            if result.upstream_answered and not ended:
+                await send({"type": "http.response.body", "body": _error_event(_SHUTTING_DOWN)})
         else:
             result.outcome, result.status = "client_disconnected", 499
+        if not watch.caller_left:
+            raise
+        watch.absorb_cancel()
     finally:
         watch.stop()
 
 
+async def _read_to_end(response: aiohttp.ClientResponse) -> bool:
+    """Read what upstream sends after [DONE] (normally just the end of the body); True if it ended."""
+    try:
+        async with asyncio.timeout(_AFTER_DONE_WAIT_S):
+            while await response.content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return True
+
+
 _PLAIN_WATCH_DELAY_S = 0.25
+_AFTER_DONE_WAIT_S = 1.0  # an upstream that says [DONE] and then neither ends nor closes is closed
 
 _SHUTTING_DOWN = UpstreamUnavailable(
     "The gateway is shutting down; the stream was ended.", code="shutting_down"
@@ -269,7 +287,8 @@ async def _pump_events(
     send: Send,
     result: RelayResult,
 ) -> bytes:
-    """Relay events until upstream ends; return the last bytes to send (an error event on failure)."""
+    """Relay events until [DONE] or upstream's end; return the last bytes to send (an error event on
+    failure). The read that carries [DONE] is returned rather than sent, to go out with the end."""
     headers = [
         (b"content-type", response.headers.get("content-type", "text/event-stream").encode()),
         (REQUEST_ID_HEADER, request_id),
@@ -279,22 +298,27 @@ async def _pump_events(
     result.status = response.status
     result.upstream_answered = True
     failure: GatewayError | None = None
+    last = b""
     try:
         async for chunk in response.content.iter_any():
             out = tap.feed(chunk)
+            if out and result.first_byte_at is None:
+                result.first_byte_at = time.monotonic()
+            if tap.done:  # these events end with [DONE]: they are the caller's last bytes
+                last = out
+                break
             if out:
-                if result.first_byte_at is None:
-                    result.first_byte_at = time.monotonic()
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = upstream.translate(error)
     except StreamTooLarge:
         failure = UpstreamUnavailable("The upstream stream is not SSE.", code="upstream_bad_response")
-    rest = tap.rest() if failure is None else b""
+    if failure is None and not tap.done:
+        last = tap.rest()  # upstream ended: a final [DONE] may lack its blank line
     _note_stream(result, tap)
-    if tap.done:  # whatever happened after [DONE] does not matter to the caller
+    if tap.done:
         result.outcome = "ok"
-        return rest
+        return last
     if failure is None:
         failure = UpstreamUnavailable(
             "The upstream stream ended before its [DONE] event.", code="upstream_bad_response"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -47,11 +48,23 @@ class GatewayProcess:
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> GatewayProcess:
+    def start(self, timeout: float = 20, open_files_soft_limit: int | None = None) -> GatewayProcess:
+        """Start and wait until every worker serves; optionally with a lower soft limit on open files."""
         self._log = log = self.log_path.open("wb")
         command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", "0"]
+
+        def lower_open_files_limit() -> None:  # runs in the child, before the gateway starts
+            if open_files_soft_limit is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_soft_limit, hard))
+
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+            cwd=self._cwd,
+            preexec_fn=lower_open_files_limit,
         )
         port = self._wait_for(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
         # With several workers the parent announces the port before the workers listen: wait for each.

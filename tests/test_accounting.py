@@ -324,13 +324,21 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
         assert key not in str(listed)
 
         url = booked.url + "/v1/openai/chat/completions"
-        assert_within_a_second(
-            lambda: httpx.post(url, json=chat(), headers=auth_headers(key)).status_code == 200
-        )
+        before = row_count(booked)
+        statuses: list[int] = []
+
+        def call() -> int:
+            statuses.append(httpx.post(url, json=chat(), headers=auth_headers(key)).status_code)
+            return statuses[-1]
+
+        assert_within_a_second(lambda: call() == 200)
         assert client.delete(f"/admin/keys/{name}").status_code == 200
-        assert_within_a_second(
-            lambda: httpx.post(url, json=chat(), headers=auth_headers(key)).status_code == 401
-        )
+        assert_within_a_second(lambda: call() == 401)
+        # Calls made before every worker saw the revocation were served, and are booked.
+        booked_rows = [
+            row for row in wait_for_rows(booked, before + statuses.count(200)) if row["key_name"] == name
+        ]
+        assert len(booked_rows) == statuses.count(200)
         assert client.delete("/admin/keys/nobody").status_code == 404
         assert client.delete("/admin/keys/alice").status_code == 409
         assert client.post("/admin/keys", json={"name": name}).status_code == 409  # never reused

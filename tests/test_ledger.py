@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.ids import new_id
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger, LedgerRow, usd
 from gateway.ledger.writer import LedgerWriter
 from tests.ledgers import BACKENDS, ledger_database
@@ -149,3 +151,21 @@ def test_totals_always_equal_the_sums(ledger: Ledger, mix: list[tuple[str | None
         assert totals[model].cost_nanos == sum(c for *_, c, _ in mix)
         assert totals[model].total_tokens == sum(t for *_, t in mix)
         assert totals[model].estimated_cost == Decimal(sum(c for *_, c, _ in mix)) / Decimal(10**9)
+
+
+def test_row_ids_are_unique_time_ordered_and_new_in_a_forked_worker() -> None:
+    """Row ids keep retried batches idempotent: two processes must never make the same one."""
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids) and all(len(row_id) == 32 for row_id in ids)
+    assert new_id(NOV_25 + DAY_US) > new_id(NOV_25)  # later rows sort later: the key grows at its end
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the forked child reports one id and leaves at once
+        os.write(writer, new_id().encode())
+        os._exit(0)
+    os.close(writer)
+    child_id = os.read(reader, 64).decode()
+    os.close(reader)
+    os.waitpid(child, 0)
+    tag = slice(13, 24)  # after the 13 hex digits of the time
+    assert child_id[tag] != ids[0][tag]

@@ -78,9 +78,11 @@ def test_rows_survive_a_ledger_outage(gateway_with_ledger: tuple[GatewayProcess,
             for _ in range(5):  # the gateway keeps serving
                 response = httpx.post(gateway.url + CHAT_PATH, json=chat(stream=True), headers=auth_headers())
                 assert response.status_code == 200
-            within(2.0, lambda: httpx.get(ready).status_code == 503)
-            body = httpx.get(ready).json()
-            assert body["ledger"] == "failing" and body["ledger_queue"] == 5
+            # A stream's row is booked just after its caller has [DONE]: wait for all five.
+            within(2.0, lambda: httpx.get(ready).json()["ledger_queue"] == 5)
+            response = httpx.get(ready)
+            assert response.status_code == 503
+            assert response.json()["ledger"] == "failing" and response.json()["ledger_queue"] == 5
             assert re.search(
                 r"ledger write failed \((Programming|Operational)Error\); \d rows kept queued, retrying",
                 gateway.logs(),
