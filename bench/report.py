@@ -214,6 +214,14 @@ def targets(derived: dict[str, Any]) -> list[dict[str, Any]]:
             ">=",
             0.9,
         ),
+        # With the load generator and the upstream on the same cores, N workers cannot get N cores:
+        # requests per CPU-second show whether the gateway itself scales (no contention between workers).
+        (
+            f"scaling: requests per CPU-second, {workers} workers / 1",
+            derived["scaling"]["cpu_efficiency"],
+            ">=",
+            0.9,
+        ),
     ]
     return [_check(name, value, op, limit) for name, value, op, limit in checks]
 

@@ -174,9 +174,15 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(cuts=st.lists(st.integers(min_value=0), max_size=40), withhold=st.booleans())
 def test_tap_output_is_independent_of_how_reads_are_cut(cuts: list[int], withhold: bool) -> None:
     for stream in (TRICKY_STREAM, OPENAI_STYLE_STREAM):
+        whole = StreamTap(withhold_usage_only=withhold)
+        whole.feed(stream)
         tap = StreamTap(withhold_usage_only=withhold)
-        out = b"".join(tap.feed(piece) for piece in _split(stream, cuts)) + tap.rest()
+        sent = [tap.feed(piece) for piece in _split(stream, cuts)]
+        out = b"".join(sent) + tap.rest()
         expected = stream.replace(USAGE_ONLY, b"") if withhold else stream
         assert out == expected
+        # Only whole events go out (a stream cut later can still end cleanly), counted alike.
+        assert all(not piece or piece.endswith((b"\n\n", b"\r\n\r\n")) for piece in sent)
+        assert tap.content_chunks == whole.content_chunks > 0
         assert tap.done
         assert tap.usage is not None and tap.usage["total_tokens"] == 31
