@@ -97,6 +97,16 @@ def test_a_retried_batch_is_written_once(ledger: Ledger) -> None:
     assert ledger.usage("key")[0].cost_nanos == 12
 
 
+@pytest.mark.parametrize("size", [1, 5, 339, 1000])
+def test_a_batch_of_any_size_is_written_whole(ledger: Ledger, size: int) -> None:
+    """Batches go in as INSERTs of a few fixed sizes (339 = 256 + 64 + 16 + 3 x 1)."""
+    rows = [row(cost_nanos=index) for index in range(size)]
+    ledger.insert(rows)
+    ledger.insert(rows)  # retried: nothing twice
+    assert ledger.count_rows() == size
+    assert ledger.usage("key")[0].cost_nanos == size * (size - 1) // 2
+
+
 def test_the_writer_books_everything_queued_before_close(ledger: Ledger) -> None:
     writer = LedgerWriter(ledger, batch_size=7)
     writer.start()

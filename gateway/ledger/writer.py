@@ -79,21 +79,23 @@ class LedgerWriter:
             item = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
         except queue.Empty:
             return False
-        if item is not _STOP:
-            # Let rows gather by sleeping, then take them all at once: waiting on the queue instead
-            # would wake this thread (and take the interpreter lock from the event loop) once a row.
-            time.sleep(self._linger_s)
-        while True:
-            if item is _STOP:
-                return True
-            assert isinstance(item, LedgerRow)
-            self._pending.append(item)
-            if len(self._pending) >= self._batch_size:
-                return False
+        if item is _STOP:
+            return True
+        assert isinstance(item, LedgerRow)
+        self._pending.append(item)  # counted in `depth` at every moment
+        # Let rows gather by sleeping, then take them all at once: waiting on the queue instead
+        # would wake this thread (and take the interpreter lock from the event loop) once a row.
+        time.sleep(self._linger_s)
+        while len(self._pending) < self._batch_size:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return False
+            if item is _STOP:
+                return True
+            assert isinstance(item, LedgerRow)
+            self._pending.append(item)
+        return False
 
     def _write(self) -> bool:
         try:
