@@ -17,7 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import SecretStr
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,18 +33,19 @@ from gateway.asgi import (
     request_id_for,
     send_error,
 )
-from gateway.auth import AdminKey, KeyStore
+from gateway.auth import AdminKey, KeyStore, MetricsToken
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
+from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.relay import Upstream
 from gateway.simulator import RunningSimulator, start_simulator
 
 logger = logging.getLogger("gateway")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # /metrics checks its own token
 SIMULATOR_TOKEN = "simulator"  # not a secret: what the gateway sends its own simulator
 
 
@@ -104,14 +106,15 @@ class RequestIdMiddleware:
         await self._app(scope, receive, send_with_id)
 
 
-def create_app(config: Config) -> GatewayApp:
+def create_app(config: Config, *, multiprocess_metrics: bool = False) -> GatewayApp:
+    """The whole app; `multiprocess_metrics` for a worker of `gateway serve --workers N`."""
     keys = KeyStore(config.secrets.caller_keys)
-    admin_key = config.secrets.admin_key
     token = config.secrets.upstream_token
-    upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN)
+    metrics = Metrics(user_labels=config.metrics.user_labels, multiprocess_mode=multiprocess_metrics)
+    upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN, metrics)
     chat = ChatCompletions(config, keys, upstream)
     ledger = Ledger(config.ledger.url)
-    writer = LedgerWriter(ledger)
+    writer = LedgerWriter(ledger, observer=metrics)
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
@@ -141,13 +144,19 @@ def create_app(config: Config) -> GatewayApp:
     _add_error_handlers(api)
     _add_health_routes(api, config, upstream, writer)
     _add_model_routes(api, config)
+    _add_metrics_route(api, metrics, MetricsToken(_secret(config.secrets.metrics_token)))
     add_admin_routes(api, ledger, keys)
-    return GatewayApp(chat, api, keys, AdminKey(admin_key.get_secret_value() if admin_key else None))
+    return GatewayApp(chat, api, keys, AdminKey(_secret(config.secrets.admin_key)))
 
 
 def app_from_environment() -> GatewayApp:
-    """The app factory for worker processes (`gateway serve --workers N`): config from $GATEWAY_CONFIG."""
-    return create_app(load_config(None))
+    """The app factory for worker processes (`gateway serve --workers N`): config from $GATEWAY_CONFIG,
+    metrics shared through the directory `gateway serve` made for them."""
+    return create_app(load_config(None), multiprocess_metrics=True)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 class LedgerUnreachable(Exception):
@@ -215,6 +224,15 @@ def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream, writer:
             "ledger_queue": writer.depth,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _add_metrics_route(api: FastAPI, metrics: Metrics, token: MetricsToken) -> None:
+    @api.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        token.check(authorization.encode("latin-1") if authorization is not None else None)
+        body = await asyncio.to_thread(metrics.exposition)  # with workers, it reads their files
+        return Response(body, media_type=CONTENT_TYPE)
 
 
 def _add_model_routes(api: FastAPI, config: Config) -> None:

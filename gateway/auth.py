@@ -53,8 +53,26 @@ class AdminKey:
     def check(self, authorization: bytes | None) -> None:
         if self._digest is None:
             raise Unauthorized("The admin API is disabled: no admin key is set (admin.key_env).")
-        presented = b""
-        if authorization is not None and authorization[:7].lower() == _BEARER:
-            presented = authorization[7:].strip()
-        if not hmac.compare_digest(hashlib.sha256(presented).digest(), self._digest):
+        if not hmac.compare_digest(_presented_digest(authorization), self._digest):
             raise Unauthorized("Invalid admin key.")
+
+
+class MetricsToken:
+    """The token /metrics requires, from the environment; None leaves /metrics open."""
+
+    def __init__(self, token: str | None) -> None:
+        self._digest = hashlib.sha256(token.encode()).digest() if token else None
+
+    def check(self, authorization: bytes | None) -> None:
+        if self._digest is not None and not hmac.compare_digest(
+            _presented_digest(authorization), self._digest
+        ):
+            raise Unauthorized("Invalid metrics token: send it as 'Authorization: Bearer <token>'.")
+
+
+def _presented_digest(authorization: bytes | None) -> bytes:
+    """SHA-256 of the bearer token in an Authorization header value (of nothing, if there is none)."""
+    presented = b""
+    if authorization is not None and authorization[:7].lower() == _BEARER:
+        presented = authorization[7:].strip()
+    return hashlib.sha256(presented).digest()

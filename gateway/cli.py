@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +18,7 @@ import click
 import uvicorn
 
 from gateway.app import LedgerUnreachable, create_app, open_ledger
-from gateway.config import CONFIG_ENV, Config, ConfigError, SimulatorConfig, load_config
+from gateway.config import CONFIG_ENV, METRICS_DIR_ENV, Config, ConfigError, SimulatorConfig, load_config
 from gateway.errors import InvalidRequest
 from gateway.ledger.store import GROUPS, KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import FORMATS, as_csv, as_json, as_table, usage_query
@@ -68,10 +69,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         "proxy_headers": False,  # the gateway reads no client address: skip the per-request middleware
     }
     if workers > 1:
-        # Each worker process builds its own app from the same file (named in the environment).
+        # Each worker process builds its own app from the same file (named in the environment), and
+        # keeps its metrics in files of a directory of this run, which /metrics on any worker adds up.
         assert config_path is not None  # _load succeeded: click took it from --config or $GATEWAY_CONFIG
         os.environ[CONFIG_ENV] = os.path.abspath(config_path)
-        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, **settings)
+        with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
+            os.environ[METRICS_DIR_ENV] = metrics_dir  # read by prometheus_client as a worker imports it
+            uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, **settings)
         return
     server = uvicorn.Server(uvicorn.Config(create_app(config), **settings))
     server.run()

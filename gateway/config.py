@@ -26,6 +26,9 @@ from pydantic import (
 )
 
 CONFIG_ENV = "GATEWAY_CONFIG"
+METRICS_DIR_ENV = (
+    "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode (set by `serve --workers`)
+)
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -96,6 +99,13 @@ class AdminConfig(_Section):
     key_env: str = "GATEWAY_ADMIN_KEY"
 
 
+class MetricsConfig(_Section):
+    """/metrics, in Prometheus' text format."""
+
+    token_env: str | None = None  # env var holding a token that /metrics then requires (Bearer)
+    user_labels: bool = False  # a `user` label on the per-request series: one series per end user
+
+
 class StaticKey(_Section):
     """A caller key from the config file: the key itself, its SHA-256, or the env var holding it."""
 
@@ -148,6 +158,7 @@ class Secrets(_Section):
 
     upstream_token: SecretStr | None = None
     admin_key: SecretStr | None = None
+    metrics_token: SecretStr | None = None
     caller_keys: tuple[CallerKey, ...] = ()
 
 
@@ -157,6 +168,7 @@ class Config(_Section):
     models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = Field(default_factory=_default_models)
     ledger: LedgerConfig = LedgerConfig()
     admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
     auth: AuthConfig = AuthConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     secrets: Secrets = Field(default=Secrets(), exclude=True)
@@ -224,6 +236,13 @@ def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
             "and upstream.require_token is true"
         )
     admin_key = environ.get(config.admin.key_env) or None
+    metrics_token = None
+    if config.metrics.token_env is not None:
+        metrics_token = environ.get(config.metrics.token_env) or None
+        if metrics_token is None:
+            raise ConfigError(
+                f"metrics.token_env: environment variable {config.metrics.token_env} is not set"
+            )
     caller_keys = []
     for index, static in enumerate(config.auth.keys):
         caller_keys.append(CallerKey(name=static.name, sha256=_static_key_digest(static, index, environ)))
@@ -233,6 +252,7 @@ def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
     return Secrets(
         upstream_token=SecretStr(token) if token else None,
         admin_key=SecretStr(admin_key) if admin_key else None,
+        metrics_token=SecretStr(metrics_token) if metrics_token else None,
         caller_keys=tuple(caller_keys),
     )
 

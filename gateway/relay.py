@@ -24,6 +24,7 @@ from gateway.accounting import completion_text, cost_usd, estimate_prompt_tokens
 from gateway.asgi import REQUEST_ID_HEADER, Receive, Send, send_json
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.metrics import Metrics
 from gateway.sse import StreamTap, StreamTooLarge
 from gateway.validate import ChatRequest
 
@@ -59,8 +60,9 @@ class RelayResult:
 class Upstream:
     """The upstream endpoint: one aiohttp session, its URL and the injected token."""
 
-    def __init__(self, config: UpstreamConfig, token: str) -> None:
+    def __init__(self, config: UpstreamConfig, token: str, metrics: Metrics) -> None:
         self.url = config.chat_completions_url
+        self.metrics = metrics
         self._config = config
         self._authorization = f"Bearer {token}"
         self._session: aiohttp.ClientSession | None = None
@@ -104,16 +106,22 @@ class Upstream:
         """The one place where HTTP-client failures become gateway errors."""
         logger.warning("upstream request failed: %s", type(error).__name__)
         if isinstance(error, aiohttp.ConnectionTimeoutError):
+            self.metrics.upstream_error("connect_timeout")
             return UpstreamUnavailable(
                 f"The upstream did not accept a connection within {self._config.connect_timeout_s:g} s."
             )
         if isinstance(error, TimeoutError):
+            self.metrics.upstream_error("read_timeout")
             return UpstreamTimeout(f"The upstream sent nothing for {self._config.read_timeout_s:g} s.")
         if isinstance(error, aiohttp.ClientConnectorError):
+            self.metrics.upstream_error("unreachable")
             return UpstreamUnavailable("The upstream could not be reached.")
-        return UpstreamUnavailable(
-            "The upstream connection failed before its answer was complete.", code="upstream_bad_response"
-        )
+        return self.bad_response("The upstream connection failed before its answer was complete.")
+
+    def bad_response(self, message: str) -> UpstreamUnavailable:
+        """An answer the gateway cannot relay (cut, not JSON, not SSE, a redirect): counted, and a 502."""
+        self.metrics.upstream_error("bad_response")
+        return UpstreamUnavailable(message, code="upstream_bad_response")
 
 
 async def relay_completion(
@@ -160,16 +168,16 @@ async def _relay_json(
         response.release()
     status = response.status
     if 300 <= status < 400:
-        raise UpstreamUnavailable(
-            f"The upstream answered with a redirect (HTTP {status}).", code="upstream_bad_response"
-        )
+        raise upstream.bad_response(f"The upstream answered with a redirect (HTTP {status}).")
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise UpstreamUnavailable(
-            f"The upstream answered HTTP {status} with a body that is not JSON.", code="upstream_bad_response"
+        raise upstream.bad_response(
+            f"The upstream answered HTTP {status} with a body that is not JSON."
         ) from None
     result.outcome, result.status = ("ok" if status < 400 else "upstream_error"), status
+    if status >= 400:
+        upstream.metrics.upstream_error("http_4xx" if status < 500 else "http_5xx")
     if status < 400 and isinstance(payload, dict):
         result.upstream_answered = True
         result.service_tier = payload.get("service_tier")
@@ -230,6 +238,7 @@ async def relay_stream(
             await _relay_json(upstream, response, request, request_id, send, result, watch)
             return
         reusable = False
+        upstream.metrics.streams_in_flight.inc()
         try:
             last = await _pump_events(upstream, response, tap, request_id, send, result)
             watch.stop()  # the end of the response is not a disconnect
@@ -239,6 +248,7 @@ async def relay_stream(
             # is read now, so that its connection can go back to the pool. Any other is closed at once.
             reusable = result.outcome == "ok" and await _read_to_end(response)
         finally:
+            upstream.metrics.streams_in_flight.dec()
             if reusable:
                 response.release()
             else:
@@ -312,7 +322,7 @@ async def _pump_events(
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = upstream.translate(error)
     except StreamTooLarge:
-        failure = UpstreamUnavailable("The upstream stream is not SSE.", code="upstream_bad_response")
+        failure = upstream.bad_response("The upstream stream is not SSE.")
     if failure is None and not tap.done:
         last = tap.rest()  # upstream ended: a final [DONE] may lack its blank line
     _note_stream(result, tap)
@@ -320,9 +330,7 @@ async def _pump_events(
         result.outcome = "ok"
         return last
     if failure is None:
-        failure = UpstreamUnavailable(
-            "The upstream stream ended before its [DONE] event.", code="upstream_bad_response"
-        )
+        failure = upstream.bad_response("The upstream stream ended before its [DONE] event.")
     result.outcome = "timeout" if isinstance(failure, UpstreamTimeout) else "upstream_error"
     return _error_event(failure)
 

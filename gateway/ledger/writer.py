@@ -15,6 +15,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from gateway.ledger.store import Ledger, LedgerRow
 
@@ -23,11 +25,28 @@ logger = logging.getLogger("gateway.ledger")
 _STOP = object()
 
 
+class WriterObserver(Protocol):
+    """Told, from the writer thread, what happened to the rows (the metrics)."""
+
+    def rows_written(self, rows: Sequence[LedgerRow]) -> None: ...
+
+    def write_failed(self) -> None: ...
+
+    def queue_depth(self, depth: int) -> None: ...
+
+
 class LedgerWriter:
     def __init__(
-        self, ledger: Ledger, *, batch_size: int = 5000, linger_s: float = 0.1, max_backoff_s: float = 2.0
+        self,
+        ledger: Ledger,
+        *,
+        observer: WriterObserver | None = None,
+        batch_size: int = 5000,
+        linger_s: float = 0.1,
+        max_backoff_s: float = 2.0,
     ) -> None:
         self._ledger = ledger
+        self._observer = observer
         self._batch_size = batch_size
         self._linger_s = linger_s
         self._max_backoff_s = max_backoff_s
@@ -62,6 +81,8 @@ class LedgerWriter:
         backoff = 0.05
         while True:
             stopping = self._collect(block=not self._pending and not stopping) or stopping
+            if self._observer is not None:
+                self._observer.queue_depth(self.depth)
             if self._pending:
                 if self._write():
                     backoff = 0.05
@@ -102,6 +123,8 @@ class LedgerWriter:
             self._ledger.insert(self._pending)
         except Exception as error:  # any database failure: keep the rows, retry, say so
             self.write_errors += 1
+            if self._observer is not None:
+                self._observer.write_failed()
             if not self.failing:
                 logger.error(
                     "ledger write failed (%s); %d rows kept queued, retrying",
@@ -113,5 +136,11 @@ class LedgerWriter:
         if self.failing:
             logger.warning("ledger writes recovered; %d rows written", len(self._pending))
         self.failing = False
-        self._pending = []
+        written, self._pending = self._pending, []
+        if self._observer is not None:
+            try:
+                self._observer.rows_written(written)
+                self._observer.queue_depth(self.depth)
+            except Exception:  # a metrics bug must never stop the books
+                logger.exception("ledger: the metrics observer failed")
         return True
