@@ -25,6 +25,14 @@ from gateway.ledger.store import LedgerRow
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+UPSTREAM_ERROR_KINDS = (
+    "unreachable",
+    "connect_timeout",
+    "read_timeout",
+    "bad_response",
+    "http_4xx",
+    "http_5xx",
+)
 TTFB_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -69,6 +77,8 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+        for kind in UPSTREAM_ERROR_KINDS:  # every kind at 0 from the start: rate() needs a first sample
+            self.upstream_errors.labels(kind)
         self.streams_in_flight = Gauge(
             "gateway_streams_in_flight",
             "Streams being relayed now.",
@@ -129,6 +139,7 @@ class Metrics:
     # --- the rest ---------------------------------------------------------------------------------
 
     def upstream_error(self, kind: str) -> None:
+        assert kind in UPSTREAM_ERROR_KINDS, kind
         self.upstream_errors.labels(kind).inc()
 
     def exposition(self) -> bytes:

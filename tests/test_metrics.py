@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, Scr
 
 CHAT_PATH = "/v1/openai/chat/completions"
 METRICS_TOKEN = "metrics-token-5c1e"
+GRAFANA_DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -113,6 +116,20 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
     assert total(samples, "gateway_streams_in_flight") == 0
     assert total(samples, "gateway_ledger_queue_depth") == 0
     assert total(samples, "gateway_ledger_write_errors_total") == 0
+
+
+def test_every_series_the_grafana_dashboard_queries_exists(metered: GatewayProcess) -> None:
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\bgateway_[a-z_]+", expr)}
+    assert (
+        httpx.post(metered.url + CHAT_PATH, json=chat(stream=True), headers=auth_headers()).status_code == 200
+    )
+    eventually(lambda: total(scrape(metered), "gateway_requests_total") == 1)
+    exposed = {name for name, _ in scrape(metered)}
+    assert len(queried) >= 8 and queried <= exposed, queried - exposed
+    labels_used = {label for expr in exprs for label in re.findall(r"by \(([a-z_]+)\)", expr)}
+    assert labels_used <= {"key", "model", "outcome", "kind", "le"}
 
 
 def test_metrics_token_and_user_labels(upstream: ScriptedUpstream, tmp_path: Path) -> None:
