@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.auth import KeyStore
 from gateway.errors import Conflict, InvalidRequest, KeyMissing
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
-from gateway.reports import as_csv, as_json, usage_query
+from gateway.reports import as_csv, as_daily_csv, as_daily_json, as_json, daily_query, usage_query
 from gateway.validate import parse_json_object
 
 ADMIN_PREFIX = "/admin"
@@ -24,13 +24,24 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
     async def usage(
         group_by: str | None = None, since: str | None = None, until: str | None = None, format: str = "json"
     ) -> Response:
-        if format not in ("json", "csv"):
-            raise InvalidRequest(f"format must be json or csv, got {format!r}", param="format")
+        _check_format(format)
         query = usage_query(group_by, since, until)
         totals = await asyncio.to_thread(ledger.usage, query.group_by, query.since_us, query.until_us)
         if format == "csv":
             return Response(as_csv(query.group_by, totals), media_type="text/csv")
         return Response(as_json(query.group_by, totals), media_type="application/json")
+
+    @api.get(f"{ADMIN_PREFIX}/usage/daily")
+    async def usage_daily(
+        group_by: str | None = None, since: str | None = None, until: str | None = None, format: str = "json"
+    ) -> Response:
+        """Totals per UTC day and user, key or model: the dashboard's stacked chart."""
+        _check_format(format)
+        query = daily_query(group_by, since, until)
+        series = await asyncio.to_thread(ledger.usage_by_day, query.group_by, query.since_us, query.until_us)
+        if format == "csv":
+            return Response(as_daily_csv(query.group_by, series), media_type="text/csv")
+        return Response(as_daily_json(query.group_by, series), media_type="application/json")
 
     @api.post(f"{ADMIN_PREFIX}/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
@@ -72,6 +83,11 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
         except KeyNotFound:
             raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
         return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
+
+
+def _check_format(format: str) -> None:
+    if format not in ("json", "csv"):
+        raise InvalidRequest(f"format must be json or csv, got {format!r}", param="format")
 
 
 def _key_name(name: Any) -> str:

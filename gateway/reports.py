@@ -42,6 +42,20 @@ def usage_query(group_by: str | None, since: str | None, until: str | None) -> U
     return UsageQuery(group_by, since_us, until_us)
 
 
+SERIES_GROUPS = ("user", "key", "model")
+
+
+def daily_query(group_by: str | None, since: str | None, until: str | None) -> UsageQuery:
+    """Check the parameters of a per-day series (stacked by user, key or model)."""
+    group_by = group_by or "user"
+    if group_by not in SERIES_GROUPS:
+        raise InvalidRequest(
+            f"group_by must be one of {', '.join(SERIES_GROUPS)} for a daily series; got {group_by!r}",
+            param="group_by",
+        )
+    return usage_query(group_by, since, until)
+
+
 def parse_time(value: str | None, param: str) -> int | None:
     """An ISO 8601 date or time as epoch microseconds; UTC when no offset is given; a date is 00:00."""
     if value is None or value == "":
@@ -66,19 +80,38 @@ def decimal_text(total: UsageTotal) -> str:
 
 
 def as_json(group_by: str, totals: Sequence[UsageTotal]) -> bytes:
-    items = []
-    for total in totals:
-        head = orjson.dumps(
-            {
-                group_by: total.group,
-                "requests": total.requests,
-                "prompt_tokens": total.prompt_tokens,
-                "completion_tokens": total.completion_tokens,
-                "total_tokens": total.total_tokens,
-            }
-        )
-        items.append(head[:-1] + b',"estimated_cost":' + decimal_text(total).encode() + b"}")
+    return b'{"data":[' + b",".join(_total_json(group_by, total) for total in totals) + b"]}"
+
+
+def _total_json(group_by: str, total: UsageTotal) -> bytes:
+    """One group's totals as a JSON object; the cost is an exact decimal literal."""
+    head = orjson.dumps(
+        {
+            group_by: total.group,
+            "requests": total.requests,
+            "prompt_tokens": total.prompt_tokens,
+            "completion_tokens": total.completion_tokens,
+            "total_tokens": total.total_tokens,
+        }
+    )
+    return head[:-1] + b',"estimated_cost":' + decimal_text(total).encode() + b"}"
+
+
+def as_daily_json(group_by: str, series: Sequence[tuple[str, UsageTotal]]) -> bytes:
+    """`{"data": [{"day": ..., <group_by>: ..., "requests": ..., ..., "estimated_cost": ...}]}`."""
+    items = [
+        b'{"day":' + orjson.dumps(day) + b"," + _total_json(group_by, total)[1:] for day, total in series
+    ]
     return b'{"data":[' + b",".join(items) + b"]}"
+
+
+def as_daily_csv(group_by: str, series: Sequence[tuple[str, UsageTotal]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("day", group_by, *_COLUMNS))
+    for day, total in series:
+        writer.writerow((day, total.group or "", *_numbers(total)))
+    return out.getvalue()
 
 
 def as_csv(group_by: str, totals: Sequence[UsageTotal]) -> str:

@@ -275,6 +275,69 @@ def test_bad_report_parameters_are_400_naming_them(
     assert response.json()["error"]["param"] == param
 
 
+def test_the_daily_series_adds_up_to_the_totals(booked: GatewayProcess) -> None:
+    """The dashboard's chart (per day, stacked) and its table (per group) come from one ledger."""
+    before = row_count(booked)
+    for user in ("u-day-1", "u-day-2", "u-day-2"):
+        httpx.post(booked.url + "/v1/openai/chat/completions", json=chat(user=user), headers=auth_headers())
+    wait_for_rows(booked, before + 3)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    with admin(booked) as client:
+        for group_by in ("user", "key", "model"):
+            series = client.get("/admin/usage/daily", params={"group_by": group_by}).json()["data"]
+            totals = report(booked, group_by)
+            assert {point[group_by] for point in series} == set(totals)
+            for group, row in totals.items():
+                points = [point for point in series if point[group_by] == group]
+                assert sum(point["requests"] for point in points) == row["requests"]
+                assert sum(point["total_tokens"] for point in points) == row["total_tokens"]
+                cost = sum(Decimal(str(point["estimated_cost"])) for point in points)
+                assert cost == Decimal(str(row["estimated_cost"]))
+        mine = client.get("/admin/usage/daily", params={"group_by": "user", "since": today}).json()["data"]
+        assert {(point["day"], point["user"], point["requests"]) for point in mine} >= {
+            (today, "u-day-1", 1),
+            (today, "u-day-2", 2),
+        }
+        csv_text = client.get("/admin/usage/daily", params={"group_by": "key", "format": "csv"}).text
+        assert (
+            csv_text.splitlines()[0]
+            == "day,key,requests,prompt_tokens,completion_tokens,total_tokens,estimated_cost"
+        )
+
+
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)  # anything a URL can carry
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    group_by=st.one_of(st.none(), st.sampled_from(["user", "key", "model", "day", "USER", ""]), _TEXT),
+    since=st.one_of(
+        st.none(),
+        st.sampled_from(["2026-11-25", "2026-13-01", "2026-11-25T10:00:00+02:00"]),
+        _TEXT,
+    ),
+    until=st.one_of(st.none(), st.sampled_from(["2026-11-24", "2026-11-26", "yesterday"]), _TEXT),
+)
+def test_dashboard_endpoints_answer_any_parameters_with_data_or_a_clear_400(
+    booked: GatewayProcess, group_by: str | None, since: str | None, until: str | None
+) -> None:
+    params = {
+        name: value
+        for name, value in (("group_by", group_by), ("since", since), ("until", until))
+        if value is not None
+    }
+    with admin(booked) as client:
+        for path in ("/admin/usage", "/admin/usage/daily"):
+            response = client.get(path, params=params)
+            assert response.status_code in (200, 400), (path, params, response.text)
+            if response.status_code == 400:
+                error = response.json()["error"]
+                assert error["param"] in ("group_by", "since", "until") and error["message"]
+                assert error["type"] == "invalid_request_error"
+            else:
+                assert isinstance(response.json()["data"], list)
+
+
 def test_time_ranges_and_csv(booked: GatewayProcess) -> None:
     before = row_count(booked)
     httpx.post(booked.url + "/v1/openai/chat/completions", json=chat(user="u-range"), headers=auth_headers())

@@ -19,7 +19,7 @@ from typing import Any
 
 import alembic.command
 import alembic.config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, Select, create_engine, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from gateway.config import CallerKey
@@ -160,22 +160,23 @@ class Ledger:
         """Totals per group over [since, until), the biggest spenders first."""
         group = _GROUP_COLUMNS[group_by]
         cost = func.sum(requests.c.cost_nanos)
-        query = select(
-            group,
-            func.count(),
-            func.sum(requests.c.prompt_tokens),
-            func.sum(requests.c.completion_tokens),
-            func.sum(requests.c.total_tokens),
-            cost,
-        ).group_by(group)
-        if since_us is not None:
-            query = query.where(requests.c.ts_us >= since_us)
-        if until_us is not None:
-            query = query.where(requests.c.ts_us < until_us)
+        query = _totals(group).group_by(group)
+        query = _within(query, since_us, until_us)
         query = query.order_by(group) if group_by == "day" else query.order_by(cost.desc(), group)
         with self.engine.connect() as connection:
             rows = connection.execute(query).all()
         return [UsageTotal(row[0], *(int(value or 0) for value in row[1:])) for row in rows]
+
+    def usage_by_day(
+        self, group_by: str, since_us: int | None = None, until_us: int | None = None
+    ) -> list[tuple[str, UsageTotal]]:
+        """Totals per UTC day and group over [since, until): (day, totals), days in order."""
+        group = _GROUP_COLUMNS[group_by]
+        query = _totals(requests.c.day, group).group_by(requests.c.day, group)
+        query = _within(query, since_us, until_us).order_by(requests.c.day, group)
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [(row[0], UsageTotal(row[1], *(int(value or 0) for value in row[2:]))) for row in rows]
 
     def count_rows(self) -> int:
         with self.engine.connect() as connection:
@@ -231,6 +232,26 @@ class Ledger:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _totals(*columns: Any) -> Select[Any]:
+    """SELECT the given columns, then the request count and the token and cost sums."""
+    return select(
+        *columns,
+        func.count(),
+        func.sum(requests.c.prompt_tokens),
+        func.sum(requests.c.completion_tokens),
+        func.sum(requests.c.total_tokens),
+        func.sum(requests.c.cost_nanos),
+    )
+
+
+def _within(query: Select[Any], since_us: int | None, until_us: int | None) -> Select[Any]:
+    if since_us is not None:
+        query = query.where(requests.c.ts_us >= since_us)
+    if until_us is not None:
+        query = query.where(requests.c.ts_us < until_us)
+    return query
 
 
 def _insert_sql(rows: int, marker: str) -> str:
