@@ -23,6 +23,7 @@ from gateway.errors import InvalidRequest
 from gateway.ledger.store import GROUPS, KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import FORMATS, as_csv, as_json, as_table, usage_query
 from gateway.simulator import start_simulator
+from gateway.workers import OneSocketPerWorker
 
 config_option = click.option(
     "--config",
@@ -75,7 +76,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         os.environ[CONFIG_ENV] = os.path.abspath(config_path)
         with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
             os.environ[METRICS_DIR_ENV] = metrics_dir  # read by prometheus_client as a worker imports it
-            uvicorn.run("gateway.app:app_from_environment", factory=True, workers=workers, **settings)
+            factory = "gateway.app:app_from_environment"
+            OneSocketPerWorker(uvicorn.Config(factory, factory=True, workers=workers, **settings)).run()
         return
     server = uvicorn.Server(uvicorn.Config(create_app(config), **settings))
     server.run()

@@ -1,9 +1,13 @@
-"""Many concurrent streams through one gateway process."""
+"""Capacity: many concurrent streams through one process; a burst of connections over the workers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -51,3 +55,53 @@ async def _one_stream(client: openai.AsyncOpenAI) -> tuple[float, float, object]
     async for chunk in stream:
         usage = chunk.usage or usage
     return first_byte, time.monotonic(), usage
+
+
+def test_workers_share_the_connections_of_a_burst(tmp_path: Path) -> None:
+    """A client pool opening its connections at once is spread over the workers, not piled on one."""
+    gateway = GatewayProcess(gateway_config(server={"workers": 2}), tmp_path).start()
+    try:
+        assert gateway.process is not None
+        workers = _children(gateway.process.pid)
+        assert len(workers) == 2
+        host, port = gateway.url.removeprefix("http://").split(":")
+        connections = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(CONNECTIONS)]
+        for connection in connections:  # all connected at once, as a client pool opening does
+            connection.connect()
+        before = {pid: _cpu_ticks(pid) for pid in workers}
+        with ThreadPoolExecutor(CONNECTIONS) as pool:
+            list(pool.map(_many_requests, connections))
+        used = {pid: _cpu_ticks(pid) - before[pid] for pid in workers}
+    finally:
+        gateway.stop()
+    assert all(ticks >= 0.1 * sum(used.values()) for ticks in used.values()), used
+
+
+CONNECTIONS = 16
+_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+_HEADERS = {"Authorization": f"Bearer {CALLER_KEY}", "Content-Type": "application/json"}
+
+
+def _many_requests(connection: http.client.HTTPConnection) -> None:
+    """Requests one after another on one kept-alive connection."""
+    with contextlib.closing(connection):
+        for _ in range(40):
+            connection.request("POST", "/v1/openai/chat/completions", body=_BODY, headers=_HEADERS)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    # The supervisor's children: the workers (multiprocessing's resource tracker, if any, is not one).
+    return [
+        int(child)
+        for child in children
+        if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])

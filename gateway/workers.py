@@ -1,0 +1,59 @@
+"""`gateway serve --workers N`: uvicorn's supervisor, with a listening socket of its own per worker.
+
+uvicorn binds one socket and hands it to every worker: a new connection goes to whichever worker is
+in accept() first, and a burst of them (a client's connection pool opening at once) can all land on
+one worker while the others idle. Measured with wrk's 32 keep-alive connections and two workers, all
+32 went to one worker in 2 runs out of 4, and two workers served no more than one. Here each worker
+gets its own socket bound to the same port with SO_REUSEPORT, and the kernel spreads new
+connections over the listening sockets by a hash of their addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+logger = logging.getLogger("uvicorn.error")
+
+
+class OneSocketPerWorker(Multiprocess):
+    """uvicorn's `Multiprocess` (starting, restarting and stopping workers, signals), except that
+    every read of `self.sockets`, which it does once for each worker it starts, binds a new socket:
+    each worker, first or replacement, listens on a socket of its own. A worker's socket closes when
+    uvicorn drops the dead worker it belonged to."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._port_holder = _reuse_port_socket(config.host, config.port)  # keeps the port ours
+        self._address = (config.host, self._port_holder.getsockname()[1])
+        logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", *self._address)
+        super().__init__(config, sockets=[])
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        sock = _reuse_port_socket(*self._address)
+        sock.set_inheritable(True)
+        return [sock]
+
+    @sockets.setter
+    def sockets(self, value: list[socket.socket]) -> None:
+        """uvicorn's __init__ stores the one socket it would share; there is none to store."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._port_holder.close()
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) that other sockets may bind too (SO_REUSEPORT), not listening
+    yet: a worker's server starts listening on it. Port 0 binds a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
