@@ -92,7 +92,7 @@ class Booking:
         cost, cost_source = self._cost(result, usage_source, prompt, completion)
         body = self.body or {}
         user, model = body.get("user"), body.get("model")
-        finished = time.monotonic()
+        finished = result.finished_at or time.monotonic()  # not counting a drain after the answer
         return LedgerRow(
             row_id=new_id(self.wall_us),
             request_id=self.request_id,
@@ -166,4 +166,5 @@ class Outcome(Protocol):
     upstream_answered: bool
     content_chunks: int
     first_byte_at: float | None
+    finished_at: float | None
     service_tier: Any

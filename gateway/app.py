@@ -110,7 +110,11 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
     """The whole app; `multiprocess_metrics` for a worker of `gateway serve --workers N`."""
     keys = KeyStore(config.secrets.caller_keys)
     token = config.secrets.upstream_token
-    metrics = Metrics(user_labels=config.metrics.user_labels, multiprocess_mode=multiprocess_metrics)
+    metrics = Metrics(
+        models=(model.name for model in config.models),
+        user_labels=config.metrics.user_labels,
+        multiprocess_mode=multiprocess_metrics,
+    )
     upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN, metrics)
     chat = ChatCompletions(config, keys, upstream)
     ledger = Ledger(config.ledger.url)
@@ -216,11 +220,11 @@ def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream, writer:
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = upstream.started and not writer.failing
+        ready = upstream.started and writer.alive and not writer.failing
         body = {
             "status": "ready" if ready else "not_ready",
             "upstream": "simulator" if config.uses_simulator else "configured",
-            "ledger": "failing" if writer.failing else "ok",
+            "ledger": "ok" if writer.alive and not writer.failing else "failing",
             "ledger_queue": writer.depth,
         }
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -63,7 +63,7 @@ class ChatCompletions:
         except ClientGone:
             result.outcome, result.status = "client_disconnected", 499
         except asyncio.CancelledError:  # the server's shutdown grace ran out
-            if result.outcome != "shutdown":
+            if not result.delivered and result.outcome != "shutdown":
                 result.outcome, result.status = "shutdown", 503
             raise
         except Exception:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import os
-import resource
 import signal
 import sys
 import tempfile
@@ -89,9 +88,17 @@ def raise_open_files_limit() -> None:
     """Lift the soft limit on open files to the hard one (workers inherit it). Each stream holds two
     sockets, the caller's and upstream's: at the usual soft limit of 1,024, the 512th concurrent
     stream would fail with "too many open files" on a machine that allows far more."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    target = 1_048_576 if hard == resource.RLIM_INFINITY else hard  # macOS refuses "unlimited" here
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            logging.getLogger("gateway").warning("could not raise the open-files limit: %s", error)
 
 
 @main.command()

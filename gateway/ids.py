@@ -31,7 +31,8 @@ def _after_fork() -> None:
     _tag, _counter = _new_tag(), itertools.count()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+if hasattr(os, "register_at_fork"):  # not on Windows, where there is no fork either
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_id(wall_us: int | None = None) -> str:

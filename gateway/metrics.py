@@ -16,7 +16,7 @@ grows without bound, which Prometheus handles badly.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,7 +37,8 @@ TTFB_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 
 
 class Metrics:
-    def __init__(self, *, user_labels: bool, multiprocess_mode: bool = False) -> None:
+    def __init__(self, *, models: Iterable[str], user_labels: bool, multiprocess_mode: bool = False) -> None:
+        self._models = frozenset(models)
         self._user_labels = user_labels
         self._multiprocess = multiprocess_mode
         self.registry = CollectorRegistry(auto_describe=True)
@@ -106,12 +107,12 @@ class Metrics:
         completion: Tally[tuple[str, ...]] = Tally()
         cost: Tally[tuple[str, ...]] = Tally()
         for row in rows:
-            who = self._who(row)
+            model = self._model_label(row.model)
+            who = (model, row.key_name, row.user or "") if self._user_labels else (model, row.key_name)
             requests[(*who, row.outcome, str(row.status))] += 1
             prompt[who] += row.prompt_tokens
             completion[who] += row.completion_tokens
             cost[who] += row.cost_nanos
-            model = row.model or ""
             self.latency.labels(model, "true" if row.stream else "false").observe(row.latency_us / 1e6)
             if row.ttfb_us is not None:
                 self.ttfb.labels(model).observe(row.ttfb_us / 1e6)
@@ -131,10 +132,12 @@ class Metrics:
     def queue_depth(self, depth: int) -> None:
         self.ledger_queue.set(depth)
 
-    def _who(self, row: LedgerRow) -> tuple[str, ...]:
-        if self._user_labels:
-            return (row.model or "", row.key_name, row.user or "")
-        return (row.model or "", row.key_name)
+    def _model_label(self, model: str | None) -> str:
+        """A served model's name; any other name a caller sent (rejected) is "other": callers must not
+        be able to create series."""
+        if model is None:
+            return ""
+        return model if model in self._models else "other"
 
     # --- the rest ---------------------------------------------------------------------------------
 

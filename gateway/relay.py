@@ -44,8 +44,10 @@ class RelayResult:
     usage_estimated: bool = False
     cost_added: bool = False  # the gateway filled in estimated_cost from the price table
     upstream_answered: bool = False  # upstream began an answer that may be billed
+    delivered: bool = False  # the caller has its whole answer (a later cancel does not change how it ended)
     content_chunks: int = 0
     first_byte_at: float | None = None
+    finished_at: float | None = None  # when the caller's response was complete
     service_tier: Any = None
 
     def fail(self, error: GatewayError) -> None:
@@ -188,6 +190,7 @@ async def _relay_json(
         if name in response.headers
     ]
     await send_json(send, status, body, request_id, extra)
+    result.delivered, result.finished_at = True, time.monotonic()
 
 
 def _with_estimated_cost(
@@ -238,29 +241,35 @@ async def relay_stream(
             await _relay_json(upstream, response, request, request_id, send, result, watch)
             return
         reusable = False
-        upstream.metrics.streams_in_flight.inc()
+        in_flight = upstream.metrics.streams_in_flight
+        in_flight.inc()
         try:
             last = await _pump_events(upstream, response, tap, request_id, send, result)
             watch.stop()  # the end of the response is not a disconnect
             await send({"type": "http.response.body", "body": last})
-            ended = True
+            ended = result.delivered = True
+            result.finished_at = time.monotonic()
+            in_flight.dec()
             # The caller's response ended with [DONE]; upstream's own end (normally right behind it)
             # is read now, so that its connection can go back to the pool. Any other is closed at once.
             reusable = result.outcome == "ok" and await _read_to_end(response)
         finally:
-            upstream.metrics.streams_in_flight.dec()
+            if not ended:
+                in_flight.dec()
             if reusable:
                 response.release()
             else:
                 response.close()
     except asyncio.CancelledError:
         _note_stream(result, tap)
-        if tap.done:  # the caller had everything, [DONE] included: a success, whoever cancelled
-            result.outcome = "ok"
+        if ended:
+            pass  # the caller has its whole answer; a cancel during the drain changes nothing for it
         elif not watch.caller_left:
             result.outcome = "shutdown"
-            if result.upstream_answered and not ended:
+            if result.upstream_answered:
                 await send({"type": "http.response.body", "body": _error_event(_SHUTTING_DOWN)})
+        elif tap.done:  # the caller had everything, [DONE] included, and hung up: that is a success
+            result.outcome = "ok"
         else:
             result.outcome, result.status = "client_disconnected", 499
         if not watch.caller_left:

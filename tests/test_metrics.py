@@ -84,18 +84,23 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
         assert bob.post(CHAT_PATH, json=chat("scenario:server_error_json")).status_code >= 500
         assert bob.post(CHAT_PATH, json=chat("scenario:garbage")).status_code == 502
         assert bob.post(CHAT_PATH, json=chat(temperature=5)).status_code == 400
+        assert bob.post(CHAT_PATH, json={**chat(), "model": "acme/not-served"}).status_code == 404
         cut = bob.post(CHAT_PATH, json=chat("scenario:stream_cut", stream=True))
         assert b"upstream_bad_response" in cut.content
-    expected_rows = 10
+    expected_rows = 11
 
     eventually(lambda: len(ledger_rows(metered)) == expected_rows)
     eventually(lambda: total(scrape(metered), "gateway_requests_total") == expected_rows)
     rows = ledger_rows(metered)
     samples = scrape(metered)
 
+    # A model the gateway does not serve is "other": callers cannot create series of their own.
+    label = {MODEL: MODEL, None: ""}
     by_outcome = Counter(
-        (row["model"] or "", row["key_name"], row["outcome"], str(row["status"])) for row in rows
+        (label.get(row["model"], "other"), row["key_name"], row["outcome"], str(row["status"]))
+        for row in rows
     )
+    assert by_outcome[("other", "bob", "rejected", "404")] == 1
     for (model, key, outcome, status), count in by_outcome.items():
         labels = {"model": model, "key": key, "outcome": outcome, "status": status}
         assert total(samples, "gateway_requests_total", **labels) == count, labels
@@ -114,7 +119,7 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
     assert total(samples, "gateway_upstream_errors_total", kind="http_5xx") == 1
     assert total(samples, "gateway_upstream_errors_total", kind="bad_response") == 2  # garbage, the cut
     assert total(samples, "gateway_streams_in_flight") == 0
-    assert total(samples, "gateway_ledger_queue_depth") == 0
+    eventually(lambda: total(scrape(metered), "gateway_ledger_queue_depth") == 0)  # set just after a write
     assert total(samples, "gateway_ledger_write_errors_total") == 0
 
 

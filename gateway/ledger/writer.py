@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.ledger.store import Ledger, LedgerRow
@@ -64,6 +64,11 @@ class LedgerWriter:
         self._queue.put(row)
 
     @property
+    def alive(self) -> bool:
+        """The writer thread runs (it stops only at close)."""
+        return self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         """Rows booked but not yet written."""
         return self._queue.qsize() + len(self._pending)
@@ -81,8 +86,7 @@ class LedgerWriter:
         backoff = 0.05
         while True:
             stopping = self._collect(block=not self._pending and not stopping) or stopping
-            if self._observer is not None:
-                self._observer.queue_depth(self.depth)
+            self._observe(lambda observer: observer.queue_depth(self.depth))
             if self._pending:
                 if self._write():
                     backoff = 0.05
@@ -123,8 +127,7 @@ class LedgerWriter:
             self._ledger.insert(self._pending)
         except Exception as error:  # any database failure: keep the rows, retry, say so
             self.write_errors += 1
-            if self._observer is not None:
-                self._observer.write_failed()
+            self._observe(lambda observer: observer.write_failed())
             if not self.failing:
                 logger.error(
                     "ledger write failed (%s); %d rows kept queued, retrying",
@@ -137,10 +140,15 @@ class LedgerWriter:
             logger.warning("ledger writes recovered; %d rows written", len(self._pending))
         self.failing = False
         written, self._pending = self._pending, []
-        if self._observer is not None:
-            try:
-                self._observer.rows_written(written)
-                self._observer.queue_depth(self.depth)
-            except Exception:  # a metrics bug must never stop the books
-                logger.exception("ledger: the metrics observer failed")
+        self._observe(lambda observer: observer.rows_written(written))
+        self._observe(lambda observer: observer.queue_depth(self.depth))
         return True
+
+    def _observe(self, call: Callable[[WriterObserver], None]) -> None:
+        """Tell the observer (the metrics); its failure (a bug, a full disk) must never stop the books."""
+        if self._observer is None:
+            return
+        try:
+            call(self._observer)
+        except Exception:
+            logger.exception("ledger: the metrics observer failed")
