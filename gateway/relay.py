@@ -234,7 +234,6 @@ async def relay_stream(
     """
     watch = DisconnectWatch(receive)
     tap = StreamTap(withhold_usage_only=not request.caller_wants_usage)
-    ended = False  # the caller's response is complete
     try:
         response = await upstream.post(request.upstream_body, request_id)
         if response.status >= 400 or not response.content_type.startswith("text/event-stream"):
@@ -247,14 +246,13 @@ async def relay_stream(
             last = await _pump_events(upstream, response, tap, request_id, send, result)
             watch.stop()  # the end of the response is not a disconnect
             await send({"type": "http.response.body", "body": last})
-            ended = result.delivered = True
-            result.finished_at = time.monotonic()
+            result.delivered, result.finished_at = True, time.monotonic()
             in_flight.dec()
             # The caller's response ended with [DONE]; upstream's own end (normally right behind it)
             # is read now, so that its connection can go back to the pool. Any other is closed at once.
             reusable = result.outcome == "ok" and await _read_to_end(response)
         finally:
-            if not ended:
+            if not result.delivered:
                 in_flight.dec()
             if reusable:
                 response.release()
@@ -262,7 +260,7 @@ async def relay_stream(
                 response.close()
     except asyncio.CancelledError:
         _note_stream(result, tap)
-        if ended:
+        if result.delivered:
             pass  # the caller has its whole answer; a cancel during the drain changes nothing for it
         elif not watch.caller_left:
             result.outcome = "shutdown"
