@@ -39,6 +39,8 @@ import run
 import sse_client
 import uvloop
 
+from gateway.cli import raise_open_files_limit
+
 KIB = 1024
 MIB = 1024 * KIB
 PER_STREAM_TARGET_KIB = 30
@@ -58,7 +60,7 @@ def main() -> int:
     parser.add_argument("--soak-minutes", type=float, default=10, help="soak length; 0 skips it (default 10)")
     parser.add_argument("--json", type=Path, default=run.BENCH_DIR / "results" / "memory.json")
     args = parser.parse_args()
-    processes.raise_open_files_limit()
+    raise_open_files_limit()  # 1,000 streams through a proxy take 2,000 sockets; children inherit it
     try:
         run.require_tools()
         report = measure_all(args.streams, args.soak_minutes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import httpx
@@ -37,21 +38,13 @@ def create_app(upstream_url: str, client: str = "aiohttp") -> FastAPI:
         yield
         await app.state.session.close()
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    app = _app_with_healthz(lifespan)
 
     @app.post("/v1/openai/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await request.body()
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _bad_request("body is not JSON")
-        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
-            return _bad_request("model must be a string")
+        if (rejected := _check(body)) is not None:
+            return rejected
         session: aiohttp.ClientSession = request.app.state.session
         upstream = await session.post(upstream_url, data=body, headers=UPSTREAM_HEADERS)
         if upstream.content_type == "text/event-stream":
@@ -73,21 +66,13 @@ def _create_httpx_app(upstream_url: str) -> FastAPI:
             app.state.client = client
             yield
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    app = _app_with_healthz(lifespan)
 
     @app.post("/v1/openai/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await request.body()
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _bad_request("body is not JSON")
-        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
-            return _bad_request("model must be a string")
+        if (rejected := _check(body)) is not None:
+            return rejected
         client: httpx.AsyncClient = request.app.state.client
         upstream_request = client.build_request("POST", upstream_url, content=body, headers=UPSTREAM_HEADERS)
         upstream = await client.send(upstream_request, stream=True)
@@ -116,6 +101,27 @@ async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         upstream.release()
+
+
+def _app_with_healthz(lifespan: Any) -> FastAPI:
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _check(body: bytes) -> JSONResponse | None:
+    """All the minimal proxy checks: the body is a JSON object whose `model` is a string."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _bad_request("body is not JSON")
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+        return _bad_request("model must be a string")
+    return None
 
 
 def _bad_request(message: str) -> JSONResponse:

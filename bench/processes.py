@@ -8,7 +8,6 @@ whatever happened, it sends SIGTERM to the whole group, then SIGKILL if the grou
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -138,11 +137,3 @@ def _stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat after the command name: [state, ppid, pgrp, ..., utime (11), stime (12), ...]."""
     text = Path(f"/proc/{pid}/stat").read_text()
     return text[text.rindex(")") + 2 :].split()
-
-
-def raise_open_files_limit() -> None:
-    """Raise this process's soft limit on open files to the hard limit (children inherit it):
-    1,000 streams through a proxy take 2,000 sockets, more than the usual soft limit of 1,024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

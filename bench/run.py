@@ -38,6 +38,8 @@ import processes
 import report
 import sse_client
 
+from gateway.cli import raise_open_files_limit
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -62,7 +64,7 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally blocks run and clean up
     duration = 2 if args.quick else args.duration
-    processes.raise_open_files_limit()
+    raise_open_files_limit()  # 1,000 streams through a proxy take 2,000 sockets; children inherit it
     systems = [system for system in report.SYSTEMS if system != "litellm" or not args.no_litellm]
     try:
         require_tools()

@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,27 +139,16 @@ def test_caller_hanging_up_closes_the_upstream_request(
     assert upstream.closed(request_id).wait(timeout=1.0)
 
 
-def test_caller_hanging_up_before_upstream_answers_closes_it_too(
-    gateway: GatewayProcess, upstream: ScriptedUpstream
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_caller_giving_up_before_upstream_answers_closes_it_upstream(
+    gateway: GatewayProcess, upstream: ScriptedUpstream, stream: bool
 ) -> None:
     request_id = str(uuid.uuid4())
     with (
         httpx.Client(base_url=gateway.url, headers=auth_headers(request_id=request_id)) as caller,
         contextlib.suppress(httpx.ReadTimeout),
     ):
-        caller.post(CHAT_PATH, json=chat("scenario:slow_headers", stream=True), timeout=0.3)
-    assert upstream.closed(request_id).wait(timeout=1.0)
-
-
-def test_caller_giving_up_on_a_plain_request_closes_it_upstream(
-    gateway: GatewayProcess, upstream: ScriptedUpstream
-) -> None:
-    request_id = str(uuid.uuid4())
-    with (
-        httpx.Client(base_url=gateway.url, headers=auth_headers(request_id=request_id)) as caller,
-        contextlib.suppress(httpx.ReadTimeout),
-    ):
-        caller.post(CHAT_PATH, json=chat("scenario:slow_headers"), timeout=0.3)
+        caller.post(CHAT_PATH, json=chat("scenario:slow_headers", stream=stream), timeout=0.3)
     assert upstream.closed(request_id).wait(timeout=1.0)
 
 
