@@ -54,6 +54,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             raise Conflict(
                 f"A key named {name!r} exists or was revoked; names are never reused.", param="name"
             ) from None
+        await reload_issued_keys(ledger, keys)  # usable here at once; other workers within a second
         return JSONResponse({"name": name, "key": key}, status_code=201)
 
     @api.get(f"{ADMIN_PREFIX}/keys")
@@ -82,7 +83,14 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             key = await asyncio.to_thread(ledger.revoke_key, name)
         except KeyNotFound:
             raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
+        await reload_issued_keys(ledger, keys)
         return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
+
+
+async def reload_issued_keys(ledger: Ledger, keys: KeyStore) -> None:
+    """Read the active issued keys from the ledger into this worker's key store."""
+    generation = keys.generation
+    keys.set_issued(await asyncio.to_thread(ledger.active_keys), read_at_generation=generation)
 
 
 def _check_format(format: str) -> None:

@@ -1,7 +1,7 @@
 """Builds the gateway's ASGI application from a `Config`.
 
 Two parts behind one small dispatcher: the chat completions endpoint, a plain ASGI callable (the
-hot path), and a FastAPI app for everything else (models, health, and later admin and dashboard).
+hot path), and a FastAPI app for everything else (models, health, admin API, metrics, dashboard).
 Everything with state (HTTP client, simulator) is made in the lifespan; there is no module state.
 Auth is on by default: routes outside `OPEN_PATHS` need a gateway key.
 """
@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.admin import ADMIN_PREFIX, add_admin_routes
+from gateway.admin import ADMIN_PREFIX, add_admin_routes, reload_issued_keys
 from gateway.asgi import (
     REQUEST_ID_HEADER,
     Message,
@@ -36,6 +36,7 @@ from gateway.asgi import (
 from gateway.auth import AdminKey, KeyStore, MetricsToken
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config, load_config
+from gateway.dashboard import ASSETS_PREFIX, PAGE_PATHS, add_dashboard_routes
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
@@ -45,16 +46,17 @@ from gateway.simulator import RunningSimulator, start_simulator
 
 logger = logging.getLogger("gateway")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # /metrics checks its own token
+# /metrics checks its own token; the dashboard's page and files carry no data (it asks the admin API).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 SIMULATOR_TOKEN = "simulator"  # not a secret: what the gateway sends its own simulator
 
 
 class GatewayApp:
     """Sends the two chat completions paths to the hot-path handler and the rest to FastAPI.
 
-    Routes outside OPEN_PATHS need a gateway key; the check is here, once, for every route
-    FastAPI serves, so that no route can be added without it. (The chat handler checks keys
-    itself, as the first step of its pipeline.)
+    Routes outside OPEN_PATHS (and the dashboard's files) need a gateway key; the check is here,
+    once, for every route FastAPI serves, so that no route can be added without it. (The chat
+    handler checks keys itself, as the first step of its pipeline.)
     """
 
     def __init__(self, chat: ChatCompletions, api: FastAPI, keys: KeyStore, admin_key: AdminKey) -> None:
@@ -67,7 +69,7 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
             await self.chat(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        elif scope["type"] == "http" and not is_open(scope["path"]):
             await self._authenticated(scope, receive, send)
         else:
             await self._api_with_request_id(scope, receive, send)
@@ -84,6 +86,10 @@ class GatewayApp:
             await send_error(send, error, request_id_for(headers.request_id))
             return
         await self._api_with_request_id(scope, receive, send)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(ASSETS_PREFIX)
 
 
 class RequestIdMiddleware:
@@ -150,6 +156,7 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
     _add_model_routes(api, config)
     _add_metrics_route(api, metrics, MetricsToken(_secret(config.secrets.metrics_token)))
     add_admin_routes(api, ledger, keys)
+    add_dashboard_routes(api)
     return GatewayApp(chat, api, keys, AdminKey(_secret(config.secrets.admin_key)))
 
 
@@ -187,7 +194,7 @@ async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float
     while True:
         await asyncio.sleep(interval_s)
         try:
-            keys.set_issued(await asyncio.to_thread(ledger.active_keys))
+            await reload_issued_keys(ledger, keys)
         except SQLAlchemyError as error:
             if not failing:
                 logger.error(

@@ -26,9 +26,17 @@ class KeyStore:
         self._static: dict[bytes, str] = {key.sha256: key.name for key in keys}
         self.static_names = frozenset(self._static.values())
         self._names_by_digest = dict(self._static)
+        self.generation = 0  # counts replacements of the issued keys
 
-    def set_issued(self, keys: Iterable[CallerKey]) -> None:
-        """Replace the issued keys (revoked ones are simply absent); static keys always stay."""
+    def set_issued(self, keys: Iterable[CallerKey], read_at_generation: int | None = None) -> None:
+        """Replace the issued keys (revoked ones are simply absent); static keys always stay.
+
+        With `read_at_generation` (the generation when the keys were read from the ledger), a read
+        that another replacement overtook is dropped: it could undo a key issued or revoked meanwhile.
+        """
+        if read_at_generation is not None and read_at_generation != self.generation:
+            return
+        self.generation += 1
         self._names_by_digest = {**{key.sha256: key.name for key in keys}, **self._static}
 
     def authenticate(self, authorization: bytes | None) -> str:
