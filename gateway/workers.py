@@ -14,6 +14,7 @@ import logging
 import socket
 
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 logger = logging.getLogger("uvicorn.error")
@@ -23,12 +24,17 @@ class OneSocketPerWorker(Multiprocess):
     """uvicorn's `Multiprocess` (starting, restarting and stopping workers, signals), except that
     every read of `self.sockets`, which it does once for each worker it starts, binds a new socket:
     each worker, first or replacement, listens on a socket of its own. A worker's socket closes when
-    uvicorn drops the dead worker it belonged to."""
+    uvicorn drops the dead worker it belonged to.
+
+    It also tells prometheus_client when a worker has gone (died and replaced, or retired by SIGHUP
+    or SIGTTOU): otherwise the gauges a dead worker left in the metrics directory, such as the
+    streams it was relaying when it died, would count in /metrics for as long as the server runs."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         self._port_holder = _reuse_port_socket(config.host, config.port)  # keeps the port ours
         self._address = (config.host, self._port_holder.getsockname()[1])
         logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", *self._address)
+        self._worker_pids: set[int] = set()
         super().__init__(config, sockets=[])
 
     @property
@@ -46,6 +52,22 @@ class OneSocketPerWorker(Multiprocess):
             super().run()
         finally:
             self._port_holder.close()
+
+    # uvicorn's supervisor loop replaces dead workers in keep_subprocess_alive and retires workers
+    # in the signal handlers: after either, whichever pid is gone is marked dead.
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._forget_gone_workers()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self._forget_gone_workers()
+
+    def _forget_gone_workers(self) -> None:
+        pids = {process.pid for process in self.processes if process.pid is not None}
+        for pid in self._worker_pids - pids:
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        self._worker_pids = pids
 
 
 def _reuse_port_socket(host: str, port: int) -> socket.socket:

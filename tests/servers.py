@@ -88,6 +88,17 @@ class GatewayProcess:
                 time.sleep(0.02)  # polling a file: there is no event to await
         raise TimeoutError(f"gateway did not start:\n{seen.decode()}")
 
+    def worker_pids(self) -> list[int]:
+        """With --workers: the supervisor's worker processes (not multiprocessing's resource tracker)."""
+        assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [
+            int(child)
+            for child in children
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 

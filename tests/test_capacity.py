@@ -61,8 +61,7 @@ def test_workers_share_the_connections_of_a_burst(tmp_path: Path) -> None:
     """A client pool opening its connections at once is spread over the workers, not piled on one."""
     gateway = GatewayProcess(gateway_config(server={"workers": 2}), tmp_path).start()
     try:
-        assert gateway.process is not None
-        workers = _children(gateway.process.pid)
+        workers = gateway.worker_pids()
         assert len(workers) == 2
         host, port = gateway.url.removeprefix("http://").split(":")
         connections = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(CONNECTIONS)]
@@ -90,16 +89,6 @@ def _many_requests(connection: http.client.HTTPConnection) -> None:
             response = connection.getresponse()
             response.read()
             assert response.status == 200
-
-
-def _children(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    # The supervisor's children: the workers (multiprocessing's resource tracker, if any, is not one).
-    return [
-        int(child)
-        for child in children
-        if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
-    ]
 
 
 def _cpu_ticks(pid: int) -> int:

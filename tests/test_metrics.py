@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,3 +173,48 @@ def test_metrics_add_up_across_workers(tmp_path: Path) -> None:
         gateway.stop()
     workers = {row["request_id"] for row in ledger_rows(gateway)}
     assert len(workers) == requests
+
+
+def test_streams_of_a_worker_that_died_leave_the_in_flight_gauge(
+    upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    """A worker killed mid-stream is replaced; the streams it held stop counting as in flight."""
+    config = gateway_config(upstream.base_url, server={"workers": 2})
+    gateway = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
+    streams = 6
+    gates = [f"in-flight-{uuid.uuid4().hex[:8]}-{n}" for n in range(streams)]
+    readers = []  # kept: a dropped half-read iterator would close its stream's connection
+    try:
+        with contextlib.ExitStack() as open_streams:
+            for gate in gates:  # new connections: the kernel spreads them over both workers
+                response = open_streams.enter_context(
+                    httpx.stream(
+                        "POST",
+                        gateway.url + CHAT_PATH,
+                        json=chat("scenario:stream_gated", stream=True),
+                        headers=auth_headers(request_id=gate),
+                        timeout=10,
+                    )
+                )
+                assert response.status_code == 200
+                readers.append(response.iter_raw())
+                assert next(readers[-1]).startswith(b"data: ")  # the stream is open
+            assert total(scrape(gateway), "gateway_streams_in_flight") == streams
+            workers = gateway.worker_pids()
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            # uvicorn's supervisor notices within a second and starts replacements.
+            eventually(lambda: _serves_metrics(gateway), seconds=20)
+            eventually(lambda: total(scrape(gateway), "gateway_streams_in_flight") == 0, seconds=5)
+            assert not set(workers) & set(gateway.worker_pids())
+    finally:
+        for gate in gates:
+            upstream.gate(gate).set()
+        gateway.stop()
+
+
+def _serves_metrics(gateway: GatewayProcess) -> bool:
+    try:
+        return httpx.get(gateway.url + "/metrics").status_code == 200
+    except httpx.TransportError:
+        return False
