@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.auth import KeyStore
 from gateway.errors import Conflict, InvalidRequest, KeyMissing
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import as_csv, as_daily_csv, as_daily_json, as_json, daily_query, usage_query
 from gateway.validate import parse_json_object
+
+logger = logging.getLogger("gateway")
 
 ADMIN_PREFIX = "/admin"
 _NAME_LIMIT = 200
@@ -54,7 +58,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             raise Conflict(
                 f"A key named {name!r} exists or was revoked; names are never reused.", param="name"
             ) from None
-        await reload_issued_keys(ledger, keys)  # usable here at once; other workers within a second
+        await _apply_key_change(ledger, keys)  # usable here at once; other workers within a second
         return JSONResponse({"name": name, "key": key}, status_code=201)
 
     @api.get(f"{ADMIN_PREFIX}/keys")
@@ -83,14 +87,23 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             key = await asyncio.to_thread(ledger.revoke_key, name)
         except KeyNotFound:
             raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
-        await reload_issued_keys(ledger, keys)
+        await _apply_key_change(ledger, keys)
         return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
 
 
 async def reload_issued_keys(ledger: Ledger, keys: KeyStore) -> None:
     """Read the active issued keys from the ledger into this worker's key store."""
-    generation = keys.generation
-    keys.set_issued(await asyncio.to_thread(ledger.active_keys), read_at_generation=generation)
+    read = keys.begin_read()
+    keys.set_issued(await asyncio.to_thread(ledger.active_keys), read)
+
+
+async def _apply_key_change(ledger: Ledger, keys: KeyStore) -> None:
+    """Make an issued or revoked key count here at once; if the ledger cannot be read just now, the
+    change is made all the same (the caller must still get the new key) and the refresher applies it."""
+    try:
+        await reload_issued_keys(ledger, keys)
+    except SQLAlchemyError as error:
+        logger.warning("ledger: cannot re-read issued keys after a change (%s)", type(error).__name__)
 
 
 def _check_format(format: str) -> None:

@@ -129,7 +129,7 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(open_ledger, ledger, config.ledger.url)
-        keys.set_issued(await asyncio.to_thread(ledger.active_keys))
+        await reload_issued_keys(ledger, keys)
         writer.start()
         chat.books = writer
         refresher = asyncio.create_task(_refresh_issued_keys(ledger, keys))

@@ -26,17 +26,24 @@ class KeyStore:
         self._static: dict[bytes, str] = {key.sha256: key.name for key in keys}
         self.static_names = frozenset(self._static.values())
         self._names_by_digest = dict(self._static)
-        self.generation = 0  # counts replacements of the issued keys
+        self._reads_begun = 0
+        self._read_applied = 0
 
-    def set_issued(self, keys: Iterable[CallerKey], read_at_generation: int | None = None) -> None:
+    def begin_read(self) -> int:
+        """Number a read of the issued keys from the ledger; pass the number to `set_issued`."""
+        self._reads_begun += 1
+        return self._reads_begun
+
+    def set_issued(self, keys: Iterable[CallerKey], read: int) -> None:
         """Replace the issued keys (revoked ones are simply absent); static keys always stay.
 
-        With `read_at_generation` (the generation when the keys were read from the ledger), a read
-        that another replacement overtook is dropped: it could undo a key issued or revoked meanwhile.
+        Reads are applied in the order they began, not the order they finished: a read that began
+        before a key was issued or revoked, and finished after a later read, is dropped, so it
+        cannot undo the change. (All on the event loop: no lock needed.)
         """
-        if read_at_generation is not None and read_at_generation != self.generation:
+        if read <= self._read_applied:
             return
-        self.generation += 1
+        self._read_applied = read
         self._names_by_digest = {**{key.sha256: key.name for key in keys}, **self._static}
 
     def authenticate(self, authorization: bytes | None) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import pytest
 from fastapi.routing import APIRoute
 
 from gateway.app import OPEN_PATHS, create_app
+from gateway.auth import KeyStore
 from gateway.chat import CHAT_PATHS
-from gateway.config import parse_config
+from gateway.config import CallerKey, parse_config
+from gateway.errors import Unauthorized
 from tests.conftest import BOB_KEY, CAROL_KEY, auth_headers, chat
 from tests.servers import CALLER_KEY, GatewayProcess
 
@@ -86,3 +90,28 @@ def test_unknown_routes_and_methods_answer_in_the_openai_shape(gateway: GatewayP
     wrong = httpx.post(gateway.url + "/v1/models", headers=auth_headers())
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert wrong.headers["allow"] == "GET"
+
+
+def _issued(*names: str) -> list[CallerKey]:
+    return [CallerKey(name=name, sha256=hashlib.sha256(f"sk-{name}".encode()).digest()) for name in names]
+
+
+def _accepts(keys: KeyStore, name: str) -> bool:
+    try:
+        return keys.authenticate(f"Bearer sk-{name}".encode()) == name
+    except Unauthorized:
+        return False
+
+
+@pytest.mark.parametrize("stale_finishes_first", [True, False])
+def test_a_key_read_that_began_before_a_revocation_cannot_undo_it(stale_finishes_first: bool) -> None:
+    """The 0.4 s refresher reads the ledger, the admin API revokes `dana` and reads it again; whichever
+    read finishes last, the key store ends with the read that began last: `dana` revoked."""
+    keys = KeyStore([])
+    keys.set_issued(_issued("dana", "eve"), keys.begin_read())
+    stale = keys.begin_read()  # the refresher's read, begun before the revocation committed
+    fresh = keys.begin_read()  # the admin API's read, after it
+    reads = [(stale, _issued("dana", "eve")), (fresh, _issued("eve"))]
+    for read, snapshot in reads if stale_finishes_first else reversed(reads):
+        keys.set_issued(snapshot, read)
+    assert not _accepts(keys, "dana") and _accepts(keys, "eve")

@@ -30,12 +30,13 @@ _PAGE_HEADERS = {
 
 
 def add_dashboard_routes(api: FastAPI) -> None:
-    static = files("gateway.dashboard") / "static"
-    page = (static / "index.html").read_bytes()
+    package = files("gateway.dashboard")
+    page = (package / "index.html").read_bytes()  # outside static/: only ever served with its headers
 
     @api.get(PAGE_PATHS[0])
     @api.get(PAGE_PATHS[1])
     async def dashboard() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
-    api.mount(ASSETS_PREFIX.rstrip("/"), StaticFiles(directory=str(static)), name="dashboard-static")
+    assets = StaticFiles(directory=str(package / "static"))
+    api.mount(ASSETS_PREFIX.rstrip("/"), assets, name="dashboard-static")

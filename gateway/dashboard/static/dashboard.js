@@ -7,8 +7,11 @@
 (function () {
   const KEY_STORAGE = "gateway.adminKey";
   const NANOS_PER_USD = 1000000000n;
+  const MAX_RANGE_DAYS = 3660;
   const CHART_GROUPS = 8; // more than this many groups: the rest are stacked as one "others" bar
-  const COLORS = ["#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#64748b"];
+  const COLORS = [
+    "#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#64748b",
+  ];
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -25,10 +28,12 @@
   // --- exact money -----------------------------------------------------------------------------
 
   // JSON.parse keeping each estimated_cost as the text the API sent (a float would round it).
+  // Browsers without JSON.parse source text get the float printed back to its nine decimals,
+  // which is the text the API sent for any amount under four million dollars.
   function parseExact(text) {
     return JSON.parse(text, function (key, value, context) {
       if (key !== "estimated_cost") return value;
-      return context && typeof context.source === "string" ? context.source : String(value);
+      return context && typeof context.source === "string" ? context.source : value.toFixed(9);
     });
   }
 
@@ -44,6 +49,7 @@
     return fraction ? `${whole}.${fraction}` : whole;
   }
 
+  const costText = (row) => usdText(toNanos(row.estimated_cost));
   const count = (n) => Number(n).toLocaleString("en-US");
 
   // --- dates (the ledger's days are UTC days) ----------------------------------------------------
@@ -75,7 +81,9 @@
       last = $("range-to").value;
       if (!first || !last) return fail("Choose both dates of the custom range.");
       if (first > last) return fail("The custom range starts after it ends.");
-      if (daysFrom(first, last).length > 3660) return fail("Choose a custom range of at most ten years.");
+      if (Date.parse(last) - Date.parse(first) > MAX_RANGE_DAYS * 86400000) {
+        return fail("Choose a custom range of at most ten years.");
+      }
     }
     return { since: first, until: addDays(last, 1), first, last, days: daysFrom(first, last) };
   }
@@ -122,7 +130,8 @@
   // --- signing in and out ----------------------------------------------------------------------
 
   async function signIn(key) {
-    const response = await fetch("/admin/keys", { headers: { Authorization: `Bearer ${key}` }, cache: "no-store" });
+    const headers = { Authorization: `Bearer ${key}` };
+    const response = await fetch("/admin/keys", { headers, cache: "no-store" });
     if (response.status === 401) {
       sessionStorage.removeItem(KEY_STORAGE);
       $("login-error").textContent = "That admin key was refused.";
@@ -136,12 +145,14 @@
     $("app").hidden = false;
     $("sign-out").hidden = false;
     renderKeys((await response.json()).data);
-    await loadUsage();
+    document.querySelector("[data-period][aria-pressed=true]").focus();
+    await guarded(loadUsage)();
   }
 
   function signOut(message = "") {
     state.key = null;
     state.view = null;
+    state.ticket += 1; // answers to loads begun before are dropped
     sessionStorage.removeItem(KEY_STORAGE);
     if (state.chart) state.chart.destroy();
     state.chart = null;
@@ -173,6 +184,8 @@
       if (ticket !== state.ticket) return; // a newer choice is loading
       state.view = { group, range, rows, daily: days };
       renderUsage();
+    } catch (error) {
+      if (ticket === state.ticket) throw error; // else a newer load speaks for the page
     } finally {
       if (ticket === state.ticket) $("app").setAttribute("aria-busy", "false");
     }
@@ -203,6 +216,10 @@
     renderChart();
   }
 
+  const CSV_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"];
+  // Quoted when it holds a comma, a quote or a line break, quotes doubled (RFC 4180, as Python's csv).
+  const csvField = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
+
   const groupLabel = (name) => (name === null || name === undefined ? "(none)" : String(name));
 
   function compareRows(column) {
@@ -217,13 +234,20 @@
     return (a, b) => a[column] - b[column];
   }
 
-  function renderTable() {
+  // The rows in the table's order, each with its group's value as `group`.
+  function sortedRows() {
     const { group, rows } = state.view;
     const { column, descending } = state.sort;
     const compare = compareRows(column);
-    const sorted = rows
+    return rows
       .map((row) => ({ ...row, group: row[group] }))
       .sort((a, b) => (descending ? -compare(a, b) : compare(a, b)));
+  }
+
+  function renderTable() {
+    const { rows } = state.view;
+    const { column, descending } = state.sort;
+    const sorted = sortedRows();
     const body = document.querySelector("#usage-table tbody");
     body.replaceChildren(
       ...sorted.map((row) => {
@@ -236,7 +260,7 @@
           cell(count(row.prompt_tokens), "num"),
           cell(count(row.completion_tokens), "num"),
           cell(count(row.total_tokens), "num"),
-          cell(`$${row.estimated_cost}`, "num"),
+          cell(`$${costText(row)}`, "num"),
         );
         return tr;
       }),
@@ -280,26 +304,25 @@
   // Room for the longest tick label (uPlot asks with the labels it is about to draw).
   const axisSize = (u, labels) => (labels ? Math.max(...labels.map((label) => label.length)) * 7 + 20 : 50);
 
-  // Per-group values per day (floats: only bar heights, every exact figure is in the table).
+  // Per-group values per day, as floats: they are bar heights and legend figures only (every exact
+  // figure is in the totals and the table). Groups are told apart by their value (null included),
+  // so a user named "others" or "(none)" keeps a bar of its own.
   function chartSeries(view, measure) {
     const { group, range, daily } = view;
     const of = MEASURES[measure].of;
     const byGroup = new Map();
-    for (const row of daily) {
-      const name = groupLabel(row[group]);
-      byGroup.set(name, (byGroup.get(name) || 0) + of(row));
-    }
-    const ranked = [...byGroup.entries()].sort((a, b) => b[1] - a[1]).map(([name]) => name);
+    for (const row of daily) byGroup.set(row[group], (byGroup.get(row[group]) || 0) + of(row));
+    const ranked = [...byGroup.entries()].sort((a, b) => b[1] - a[1]).map(([value]) => value);
     const shown = ranked.length > CHART_GROUPS + 1 ? ranked.slice(0, CHART_GROUPS) : ranked;
-    const names = ranked.length > shown.length ? [...shown, "others"] : shown;
-    const slot = new Map(shown.map((name, i) => [name, i]));
+    const names = shown.map(groupLabel);
+    if (ranked.length > shown.length) names.push(`${ranked.length - shown.length} others`);
+    const slot = new Map(shown.map((value, i) => [value, i]));
     const dayIndex = new Map(range.days.map((day, i) => [day, i]));
     const values = names.map(() => new Array(range.days.length).fill(0));
     for (const row of daily) {
       const day = dayIndex.get(row.day);
       if (day === undefined) continue;
-      const at = slot.has(groupLabel(row[group])) ? slot.get(groupLabel(row[group])) : names.length - 1;
-      values[at][day] += of(row);
+      values[slot.has(row[group]) ? slot.get(row[group]) : names.length - 1][day] += of(row);
     }
     return { names, values };
   }
@@ -328,7 +351,10 @@
         y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
       },
       axes: [
-        { incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400], values: (u, splits) => splits.map(dayLabel) },
+        {
+          incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400],
+          values: (u, splits) => splits.map(dayLabel),
+        },
         { values: (u, splits) => splits.map(format), size: axisSize },
       ],
       cursor: { points: { show: false } },
@@ -391,22 +417,31 @@
     button.textContent = "Revoke";
     button.setAttribute("aria-label", `Revoke ${name}`);
     let timer = null;
+    const ask = (asking) => {
+      button.textContent = asking ? "Confirm revoke" : "Revoke";
+      button.setAttribute("aria-label", asking ? `Confirm: revoke ${name}` : `Revoke ${name}`);
+      button.classList.toggle("danger", asking);
+    };
     button.addEventListener(
       "click",
       guarded(async () => {
         if (!timer) {
-          button.textContent = "Confirm revoke";
-          button.classList.add("danger");
+          ask(true);
           timer = setTimeout(() => {
             timer = null;
-            button.textContent = "Revoke";
-            button.classList.remove("danger");
+            ask(false);
           }, 5000);
           return;
         }
         clearTimeout(timer);
-        await api(`/admin/keys/${encodeURIComponent(name)}`, { method: "DELETE" });
+        button.disabled = true;
+        try {
+          await api(`/admin/keys/${encodeURIComponent(name)}`, { method: "DELETE" });
+        } finally {
+          button.disabled = false;
+        }
         await loadKeys();
+        $("issue-name").focus(); // the button is gone with its row
       }, "keys-error"),
     );
     return button;
@@ -478,7 +513,9 @@
     $("issue-form").addEventListener("submit", guarded(issueKey, "keys-error"));
     $("new-key-copy").addEventListener("click", copyNewKey);
     $("new-key-hide").addEventListener("click", hideNewKey);
-    window.addEventListener("resize", () => state.chart && state.chart.setSize({ width: chartWidth(), height: 300 }));
+    window.addEventListener("resize", () => {
+      if (state.chart) state.chart.setSize({ width: chartWidth(), height: 300 });
+    });
 
     for (const button of document.querySelectorAll("[data-period]")) {
       button.setAttribute("aria-pressed", String(button.dataset.period === state.period));
@@ -488,13 +525,17 @@
     else $("admin-key").focus();
   }
 
-  // The CSV of what is shown (same period, same grouping), fetched with the key, saved from a Blob.
-  async function downloadCsv() {
+  // The CSV of what is shown: the table's rows in its order, with the columns and the exact
+  // figures of the API's CSV (`/admin/usage?format=csv`), saved from a Blob (no URL carries data).
+  function downloadCsv() {
     if (!state.view) return;
     const { group, range } = state.view;
-    const params = new URLSearchParams({ group_by: group, since: range.since, until: range.until, format: "csv" });
-    const response = await api(`/admin/usage?${params}`);
-    const url = URL.createObjectURL(await response.blob());
+    const lines = [[group, ...CSV_COLUMNS].join(",")];
+    for (const row of sortedRows()) {
+      const counts = CSV_COLUMNS.slice(0, -1).map((column) => row[column]);
+      lines.push([csvField(row.group ?? ""), ...counts, costText(row)].join(","));
+    }
+    const url = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
     const link = document.createElement("a");
     link.href = url;
     link.download = `usage-by-${group}-${range.first}-to-${range.last}.csv`;
