@@ -2,6 +2,8 @@
 
 Shared by the admin API and `gateway usage`, so both say exactly the same. Totals are exact: the
 ledger sums integer nano-dollars and the cost is written as a decimal literal, never via a float.
+In CSV, a name that a spreadsheet would run as a formula (callers choose their `user`) is written
+with a leading `'`, which spreadsheets show as text (OWASP's advice on CSV injection).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def as_daily_csv(group_by: str, series: Sequence[tuple[str, UsageTotal]]) -> str
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(("day", group_by, *_COLUMNS))
     for day, total in series:
-        writer.writerow((day, total.group or "", *_numbers(total)))
+        writer.writerow((day, spreadsheet_safe(total.group or ""), *_numbers(total)))
     return out.getvalue()
 
 
@@ -119,8 +121,16 @@ def as_csv(group_by: str, totals: Sequence[UsageTotal]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow((group_by, *_COLUMNS))
     for total in totals:
-        writer.writerow((total.group or "", *_numbers(total)))
+        writer.writerow((spreadsheet_safe(total.group or ""), *_numbers(total)))
     return out.getvalue()
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(name: str) -> str:
+    """A CSV cell a spreadsheet shows as text: `=cmd|...`, `+1`, `-x`, `@SUM(...)` get a leading `'`."""
+    return "'" + name if name.startswith(_FORMULA_STARTS) else name
 
 
 def as_table(group_by: str, totals: Sequence[UsageTotal]) -> str:

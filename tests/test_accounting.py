@@ -351,6 +351,26 @@ def test_time_ranges_and_csv(booked: GatewayProcess) -> None:
     assert {row["key"] for row in rows} >= {"alice"}
 
 
+def test_csv_keeps_spreadsheets_from_running_user_names(booked: GatewayProcess) -> None:
+    """Callers choose `user`: in CSV a name a spreadsheet would run as a formula starts with ', in JSON
+    it is exact."""
+    names = ["=cmd|' /C calc'!A0", "+1", "-2", "@SUM(A1)", "\tx", "a=b"]
+    before = row_count(booked)
+    for name in names:
+        response = httpx.post(
+            booked.url + "/v1/openai/chat/completions", json=chat(user=name), headers=auth_headers()
+        )
+        assert response.status_code == 200
+    wait_for_rows(booked, before + len(names))
+    assert set(names) <= set(report(booked, "user"))
+    with admin(booked) as client:
+        for path in ("/admin/usage", "/admin/usage/daily"):
+            text = client.get(path, params={"group_by": "user", "format": "csv"}).text
+            written = {row["user"] for row in csv.DictReader(io.StringIO(text))}
+            assert {"'" + name for name in names[:-1]} | {"a=b"} <= written
+            assert not written & set(names[:-1])
+
+
 def test_admin_routes_need_the_admin_key(booked: GatewayProcess) -> None:
     for headers in ({}, auth_headers(), {"Authorization": f"Bearer {ADMIN_KEY}x"}):
         for method, path in (

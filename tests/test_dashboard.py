@@ -35,8 +35,9 @@ from tests.conftest import BOB_KEY
 from tests.servers import CALLER_KEY, MODEL, GatewayProcess, gateway_config
 
 ADMIN_KEY = "sk-admin-dashboard-81c2"
-# A caller picks `user`: the page must show it as text, and the CSV must quote it.
-HOSTILE_USER = '<img src=x onerror=alert(1)>, "Jr"'
+# A caller picks `user`: the page must show it as text, and the CSV must quote it and keep a
+# spreadsheet from running it.
+HOSTILE_USER = '=HYPERLINK("http://x"), <img src=x onerror=alert(1)>'
 ROOT = Path(__file__).parent.parent
 CHROMIUM_FLAGS = [
     "--no-sandbox",  # the tests run as root in a container
@@ -387,7 +388,7 @@ async def test_dashboard_shows_what_the_ledger_says(
     assert downloaded.splitlines()[0] == csv_api.splitlines()[0] == header
     assert sorted(downloaded.splitlines()) == sorted(csv_api.splitlines())
     names = [row[0] or "(none)" for row in csv.reader(io.StringIO(downloaded))][1:]
-    assert names == [row[0] for row in shown["table"]]
+    assert names == [("'" if name == HOSTILE_USER else "") + name for name in (r[0] for r in shown["table"])]
 
     screenshot = tmp_path / "dashboard.png"
     await page.screenshot(path=screenshot, full_page=True)

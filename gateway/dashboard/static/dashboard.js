@@ -218,6 +218,8 @@
 
   const CSV_COLUMNS = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"];
   // Quoted when it holds a comma, a quote or a line break, quotes doubled (RFC 4180, as Python's csv).
+  // As the API's CSV: a name a spreadsheet would run as a formula gets a leading ' (shown as text).
+  const spreadsheetSafe = (name) => (/^[=+\-@\t\r]/.test(name) ? `'${name}` : name);
   const csvField = (text) => (/[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text);
 
   const groupLabel = (name) => (name === null || name === undefined ? "(none)" : String(name));
@@ -533,7 +535,7 @@
     const lines = [[group, ...CSV_COLUMNS].join(",")];
     for (const row of sortedRows()) {
       const counts = CSV_COLUMNS.slice(0, -1).map((column) => row[column]);
-      lines.push([csvField(row.group ?? ""), ...counts, costText(row)].join(","));
+      lines.push([csvField(spreadsheetSafe(row.group ?? "")), ...counts, costText(row)].join(","));
     }
     const url = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
     const link = document.createElement("a");
