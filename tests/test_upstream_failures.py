@@ -89,6 +89,25 @@ def test_unreachable_upstream_is_502(unreachable_gateway: GatewayProcess) -> Non
         }
 
 
+def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(tmp_path: Path) -> None:
+    """An https upstream that takes the TCP connection but never answers the TLS hello: 502 once
+    connect_timeout_s is over (the handshake is part of connecting), not 504 after read_timeout_s."""
+    with socket.socket() as silent:  # the kernel completes TCP handshakes; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = gateway_config(
+            f"https://127.0.0.1:{silent.getsockname()[1]}/v1/openai",
+            upstream={"connect_timeout_s": 0.5, "read_timeout_s": 30},
+        )
+        gateway = GatewayProcess(config, tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
+        try:
+            response = httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers(), timeout=60)
+        finally:
+            gateway.stop()
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
 def test_upstream_gets_the_upstream_token_and_never_the_callers_key(
     client: httpx.Client, upstream: ScriptedUpstream
 ) -> None:
