@@ -8,12 +8,13 @@ clean error event: the caller never sees half an event it cannot parse.
 
 When the gateway asked upstream for usage on the caller's behalf, the caller must not see the
 usage-only chunk (empty `choices`) that exists only because of that request: that one event is
-left out. Nothing else is ever dropped or rewritten. Events end with a blank line, `\n\n` or
-`\r\n\r\n`.
+left out. Nothing else is ever dropped or rewritten. Events end with a blank line; lines end with
+`\n`, `\r\n` or `\r`, as the SSE standard allows (upstreams write `\n\n`; the rest is rare).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -21,6 +22,8 @@ import orjson
 _USAGE = b'"usage":'
 _CONTENT = b'"content":'
 _DONE_PREFIXES = (b"data: [DONE]", b"data:[DONE]")
+# A line end followed by another: a blank line. Atomic groups, so that a \r\n is never taken as two.
+_BLANK_LINE = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # an "event" larger than this is not SSE: the stream is garbage
 
 
@@ -56,8 +59,9 @@ class StreamTap:
         data = pending + chunk
         # The end of an event may straddle the old tail and the new read: look 3 bytes back, not further.
         start, search_from = 0, max(0, len(pending) - 3)
+        event_end = _event_end_any if b"\r" in data else _event_end_lf
         dropped: list[tuple[int, int]] = []
-        while (end := _event_end(data, start, search_from)) != -1:
+        while (end := event_end(data, search_from)) != -1:
             if self._inspect(data, start, end) and self._withhold_usage_only:
                 dropped.append((start, end))
             start = search_from = end
@@ -113,13 +117,19 @@ def _is_one_plain_event(chunk: bytes) -> bool:
     )
 
 
-def _event_end(data: bytes, start: int, search_from: int) -> int:
-    """Index just past the blank line that ends the event starting at `start`, or -1."""
-    lf = data.find(b"\n\n", search_from)
-    crlf = data.find(b"\r\n\r\n", search_from, lf + 2 if lf != -1 else len(data))
-    if crlf != -1:
-        return crlf + 4
-    return lf + 2 if lf != -1 else -1
+def _event_end_lf(data: bytes, search_from: int) -> int:
+    """Index just past the first blank line at or after `search_from`, or -1 (no \r in `data`)."""
+    end = data.find(b"\n\n", search_from)
+    return end + 2 if end != -1 else -1
+
+
+def _event_end_any(data: bytes, search_from: int) -> int:
+    """The same, for any line ends. A \r as the last byte read may be the first half of a \r\n:
+    the event ends after the next byte arrives, so that no piece sent ends inside a line end."""
+    blank = _BLANK_LINE.search(data, search_from)
+    if blank is None or (blank.end() == len(data) and data.endswith(b"\r")):
+        return -1
+    return blank.end()
 
 
 def _value_at(data: bytes, key: bytes, start: int, end: int) -> int:

@@ -176,3 +176,37 @@ def test_tap_output_is_independent_of_how_reads_are_cut(cuts: list[int], withhol
         assert tap.content_chunks == whole.content_chunks > 0
         assert tap.done
         assert tap.usage is not None and tap.usage["total_tokens"] == 31
+
+
+# The SSE standard lets a line end with \n, \r\n or \r; an event ends with a blank line. A line
+# ending in \r followed by a blank line ending in \n would read as one \r\n: not a combination.
+LINE_ENDS = [(line, blank) for line in (b"\n", b"\r\n", b"\r") for blank in (b"\n", b"\r\n", b"\r")]
+LINE_ENDS = [(line, blank) for line, blank in LINE_ENDS if not (line == b"\r" and blank.startswith(b"\n"))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ends=st.lists(
+        st.sampled_from(LINE_ENDS), min_size=len(OPENAI_STYLE_WRITES), max_size=len(OPENAI_STYLE_WRITES)
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+    withhold=st.booleans(),
+)
+def test_tap_reads_events_with_any_line_ends(
+    ends: list[tuple[bytes, bytes]], cuts: list[int], withhold: bool
+) -> None:
+    """Each event with its own line ends, the stream cut anywhere: every event goes out whole, as it
+    came (the usage-only one left out when withheld), usage and [DONE] are seen."""
+    events = [
+        event.removesuffix(b"\n\n") + line + blank
+        for event, (line, blank) in zip(OPENAI_STYLE_WRITES, ends, strict=True)
+    ]
+    stream = b"".join(events)
+    tap = StreamTap(withhold_usage_only=withhold)
+    sent = [tap.feed(piece) for piece in _split(stream, cuts)]
+    kept = [event for event in events if not (withhold and event.startswith(USAGE_ONLY[:-2]))]
+    assert b"".join(sent) + tap.rest() == b"".join(kept)
+    boundaries = set(itertools.accumulate(len(event) for event in kept)) | {0}
+    assert set(itertools.accumulate(len(piece) for piece in sent)) <= boundaries
+    assert tap.usage is not None and tap.usage["total_tokens"] == 31
+    assert tap.content_chunks == 2 and tap.done
