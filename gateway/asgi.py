@@ -17,7 +17,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 REQUEST_ID_HEADER = b"x-request-id"
 _JSON = (b"content-type", b"application/json")
-_VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,1024}")
+_VALID_REQUEST_ID = re.compile(rb"[\t\x20-\x7e]{1,1024}")  # a header value's characters, bounded
 
 
 class ClientGone(Exception):

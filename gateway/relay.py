@@ -12,6 +12,7 @@ arrive; once the caller has the headers, a failure becomes one SSE error event a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.sse import StreamTap, StreamTooLarge
-from gateway.validate import ChatRequest
+from gateway.validate import ChatRequest, parse_json
 
 logger = logging.getLogger("gateway.relay")
 
@@ -172,8 +173,8 @@ async def _relay_json(
     if 300 <= status < 400:
         raise upstream.bad_response(f"The upstream answered with a redirect (HTTP {status}).")
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        payload = parse_json(body)
+    except ValueError:
         raise upstream.bad_response(
             f"The upstream answered HTTP {status} with a body that is not JSON."
         ) from None
@@ -216,7 +217,10 @@ def _with_estimated_cost(
         usage["estimated_cost"] = float(cost_usd(request.model, prompt_tokens, completion_tokens))
         result.cost_added = True
     payload["usage"] = result.usage = usage
-    return orjson.dumps(payload)
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # what only the standard parser took (an integer over 64 bits, ...)
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 async def relay_stream(

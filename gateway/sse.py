@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
+from gateway.validate import parse_json
 
 _USAGE = b'"usage":'
 _CONTENT = b'"content":'
@@ -156,8 +156,8 @@ def _has_object(data: bytes, key: bytes, start: int, end: int) -> bool:
 def _decode_data(event: bytes) -> Any:
     lines = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     try:
-        return orjson.loads(b"\n".join(lines))
-    except orjson.JSONDecodeError:
+        return parse_json(b"\n".join(lines))
+    except ValueError:
         return None
 
 

@@ -1,14 +1,17 @@
 """Request checks: the body is parsed once and every documented range is checked before upstream.
 
 The parsed body is only read, never rebuilt: what goes upstream is the caller's own bytes, except
-on a stream without `stream_options`, where `"stream_options":{"include_usage":true}` is spliced in
-so usage can be booked (SPEC §3, Relay).
+on a stream whose caller did not ask for usage, where `stream_options.include_usage: true` is
+spliced into those bytes so usage can be booked (SPEC §3, Relay): everything else stays byte for byte.
+A key given twice in one object is refused: the gateway would check one value and upstream might
+use the other.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,12 @@ from gateway.errors import InvalidRequest, ModelNotFound
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 TOOL_CHOICES = ("none", "auto")
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
+# Every key is a string followed by a colon; so is any escaped quote inside a string followed by one
+# (rare): counting these bounds the number of keys written from above, at the speed of a byte scan.
+_KEY_LIKE = re.compile(rb'"\s*:')
+# JSON's strings and the punctuation around values, for finding one top-level value's bytes.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
+_SPACE = b" \t\r\n"
 
 FieldCheck = Callable[[str, Any], None]
 
@@ -58,20 +67,59 @@ def check_chat_request(body: dict[str, Any], raw: bytes, models: Mapping[str, Mo
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = _parse_leniently(raw)
+        body = parse_json(raw)
+    except ValueError:
+        raise InvalidRequest("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
+    try:
+        if len(_KEY_LIKE.findall(raw)) > _count_keys(body):  # a key twice, or a `\":` inside a string
+            _refuse_duplicate_keys(raw)
+    except RecursionError:
+        raise InvalidRequest("Request body is nested too deeply.", code="invalid_json") from None
     return body
 
 
-def _parse_leniently(raw: bytes) -> Any:
-    """orjson rejects some valid JSON (lone surrogates in strings); retry with the standard parser."""
+def parse_json(raw: bytes) -> Any:
+    """JSON with orjson; what orjson refuses but is valid JSON (a lone surrogate escaped in a
+    string, an integer over 64 bits) with the standard parser. ValueError if it is not JSON."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("Request body is not valid JSON.", code="invalid_json") from None
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+
+def _count_keys(body: dict[str, Any]) -> int:
+    """Keys in the parsed body, at every depth (a loop, not recursion: any depth orjson takes)."""
+    count = 0
+    stack: list[Any] = [body]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            count += len(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return count
+
+
+def _refuse_duplicate_keys(raw: bytes) -> None:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if len(set(names)) < len(names):
+            twice = next(name for index, name in enumerate(names) if name in names[:index])
+            raise InvalidRequest(
+                f"The key {_show(twice)} appears twice in one object of the request body; keys must be "
+                "unique (upstream might use a value other than the one checked).",
+                param=twice,
+                code="duplicate_key",
+            )
+        return dict(pairs)
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
 
 
 def _reject_constant(name: str) -> Any:
@@ -85,14 +133,38 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
         # Splice before the closing brace: the caller's bytes stay as they are.
         end = raw.rfind(b"}")
         return raw[:end] + _INCLUDE_USAGE
-    # Rare: the caller sent stream_options without include_usage. Rebuild the body with the standard
-    # library, which keeps integers of any size and escapes what orjson would refuse.
-    exact = json.loads(raw.decode("utf-8"))
-    options = exact.get("stream_options")
-    exact["stream_options"] = (
-        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    )
-    return json.dumps(exact, separators=(",", ":")).encode()
+    # Rare: the caller sent stream_options without include_usage: true. Only that value changes.
+    options = body["stream_options"]
+    ours = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    start, end = _top_level_value_span(raw, "stream_options")
+    return raw[:start] + json.dumps(ours, separators=(",", ":")).encode() + raw[end:]
+
+
+def _top_level_value_span(raw: bytes, key: str) -> tuple[int, int]:
+    """Where the value of `key` lies in the bytes of a valid JSON object without duplicate keys:
+    walk its strings and punctuation (a long string is one step), keeping count of the depth."""
+    depth, expecting_key, start = 0, False, -1
+    for token in _TOKEN.finditer(raw):
+        text = token.group()
+        if start != -1 and depth == 1 and text in (b",", b"}"):
+            end = token.start()
+            while raw[end - 1] in _SPACE:
+                end -= 1
+            return start, end
+        if text in (b"{", b"["):
+            depth += 1
+            expecting_key = depth == 1
+        elif text in (b"}", b"]"):
+            depth -= 1
+        elif text == b",":
+            expecting_key = depth == 1
+        elif expecting_key and text != b":":  # a key of the top-level object
+            expecting_key = False
+            if parse_json(text) == key:
+                start = raw.index(b":", token.end()) + 1
+                while raw[start] in _SPACE:
+                    start += 1
+    raise ValueError(f"no top-level {key!r}")  # not reached: the caller parsed the key from `raw`
 
 
 def _check_model(model: Any, models: Mapping[str, ModelConfig]) -> ModelConfig:
@@ -123,7 +195,7 @@ def _range_check(
     kind: str, is_kind: Callable[[Any], bool], low: float, high: float, low_open: bool, high_open: bool
 ) -> FieldCheck:
     def check(field: str, value: Any) -> None:
-        if not is_kind(value):
+        if not is_kind(value) and not (_is_whole_float(value) and not low <= value <= high):
             raise _wrong_type(field, kind, value)
         if value < low or (low_open and value == low):
             raise _out_of_range(field, ">" if low_open else "≥", low, value)
@@ -131,6 +203,11 @@ def _range_check(
             raise _out_of_range(field, "<" if high_open else "≤", high, value)
 
     return check
+
+
+def _is_whole_float(value: Any) -> bool:
+    """An integer written beyond 64 bits reaches us as a float (orjson): its range is what is wrong."""
+    return type(value) is float and math.isfinite(value) and value.is_integer()
 
 
 def _is_number(value: Any) -> bool:
@@ -253,11 +330,12 @@ def _check_part(where: str, part: Any) -> None:
 def _check_image_url(where: str, url: Any) -> None:
     if not isinstance(url, str):
         raise _wrong_type(where, "a string", url)
-    if url.startswith(("https://", "http://")) and len(url) > url.index("//") + 2:
+    scheme = url[:11].lower()  # schemes and media types are case-insensitive
+    if scheme.startswith(("https://", "http://")) and len(url) > url.index("//") + 2:
         return
-    if url.startswith("data:image/"):
+    if scheme.startswith("data:image/"):
         header, comma, data = url.partition(",")
-        if comma and header.endswith(";base64") and len(header) > len("data:image/;base64") and data:
+        if comma and header.lower().endswith(";base64") and len(header) > len("data:image/;base64") and data:
             return
     raise InvalidRequest(
         f"{where} must be an http(s) URL or a data:image/...;base64, URI, got {_show(url)}", param=where
@@ -268,9 +346,13 @@ def _check_image_url(where: str, url: Any) -> None:
 
 
 def _wrong_type(field: str, kind: str, value: Any) -> InvalidRequest:
-    return InvalidRequest(
-        f"{field} must be {kind}, got {_json_type(value)} {_show(value)}", param=field, code="invalid_type"
-    )
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400 in the body
+        got = "a number too large for a double"
+    elif value is None or isinstance(value, bool):
+        got = _show(value)
+    else:
+        got = f"{_json_type(value)} {_show(value)}"
+    return InvalidRequest(f"{field} must be {kind}, got {got}", param=field, code="invalid_type")
 
 
 def _out_of_range(field: str, relation: str, bound: float, value: Any) -> InvalidRequest:

@@ -131,6 +131,13 @@ async def _server_error_html(
     await connection.plain(503, b"<html>Service Unavailable</html>", "text/html")
 
 
+async def _error_only_stdlib_reads(
+    upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection
+) -> None:
+    """Valid JSON that orjson refuses: a lone surrogate escaped in a string."""
+    await connection.json(400, b'{"error": {"message": "bad \\ud800", "type": "invalid_request_error"}}')
+
+
 async def _garbage(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
     await connection.plain(200, b"this is not json {", "application/json")
 
@@ -202,6 +209,7 @@ SCENARIOS = {
     "server_error_json": _server_error_json,
     "server_error_html": _server_error_html,
     "garbage": _garbage,
+    "error_only_stdlib_reads": _error_only_stdlib_reads,
     "drop": _drop,
     "stall": _stall,
     "openai_usage": _openai_usage,

@@ -40,6 +40,13 @@ def test_upstream_json_errors_are_relayed_with_their_status(
     assert response.json()["error"]["type"] == error_type
 
 
+def test_an_error_body_orjson_refuses_is_still_relayed(client: httpx.Client) -> None:
+    """Valid JSON is relayed as JSON, even the kind orjson refuses (a lone surrogate escape)."""
+    response = client.post(CHAT_PATH, json=chat("scenario:error_only_stdlib_reads"))
+    assert response.status_code == 400
+    assert response.content == b'{"error": {"message": "bad \\ud800", "type": "invalid_request_error"}}'
+
+
 def test_retry_after_is_passed_on(client: httpx.Client) -> None:
     assert client.post(CHAT_PATH, json=chat("scenario:rate_limited")).headers["retry-after"] == "7"
 

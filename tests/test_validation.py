@@ -109,6 +109,24 @@ def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -
         send(client, chat(top_k=5.0))[0].json()["error"]["message"]
         == "top_k must be an integer, got number 5.0"
     )
+    too_big = send(
+        client,
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}'
+        % MODEL.encode(),
+    )
+    assert too_big[0].json()["error"]["message"].startswith("seed must be < 9223372036854775808, got ")
+    huge = send(
+        client,
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}'
+        % MODEL.encode(),
+    )
+    assert (
+        huge[0].json()["error"]["message"]
+        == "temperature must be a number, got a number too large for a double"
+    )
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}
+    missing = send(client, {"model": MODEL, "messages": [image]})[0].json()["error"]["message"]
+    assert missing == "messages[0].content[0].image_url.url must be a string, got null"
 
 
 def test_null_means_not_sent_and_is_passed_through(client: httpx.Client, upstream: ScriptedUpstream) -> None:
@@ -129,6 +147,58 @@ def test_unknown_fields_pass_through_and_no_defaults_are_added(
     response, request_id = send(client, raw)
     assert response.status_code == 200
     assert upstream.find(request_id)[0].body == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+            b'"temperature": 5, "temperature": 1}',
+            "temperature",
+        ),
+        (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "seed": 1, "se\\u0065d": -1}',
+            "seed",
+        ),
+        (b'{"model": "%s", "messages": [{"role": "system", "role": "user", "content": "hi"}]}', "role"),
+    ],
+)
+def test_a_key_given_twice_is_refused(
+    client: httpx.Client, upstream: ScriptedUpstream, raw: bytes, param: str
+) -> None:
+    """The gateway checks one of the two values; upstream might use the other: neither is sent."""
+    response, request_id = send(client, raw % MODEL.encode())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "duplicate_key" and error["param"] == param and "twice" in error["message"]
+    assert upstream.find(request_id) == []
+
+
+def test_a_quoted_colon_in_a_string_is_not_a_key(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "say \\"hi\\": ok"}]}' % MODEL.encode()
+    response, request_id = send(client, raw)
+    assert response.status_code == 200
+    assert upstream.find(request_id)[0].body == raw
+
+
+@pytest.mark.parametrize(
+    "options", [b'{"include_usage": false, "x": 1}', b"null", b"{}", b'{"include_usage": null}']
+)
+def test_only_stream_options_changes_when_the_gateway_asks_for_usage(
+    client: httpx.Client, upstream: ScriptedUpstream, options: bytes
+) -> None:
+    """Every other byte stays as the caller wrote it: number forms, escapes, spacing, key order."""
+    head = (
+        b'{ "model" : "%s", "messages": [{"role": "user", "content": "h\\u00e9 \xc3\xa9"}],\n'
+        b' "x_f": 1.50, "x_e": 1E2, "x_big": 123456789012345678901234567890, "stream": true,' % MODEL.encode()
+    )
+    tail = b' , "z": [1, {"a": "}"}] }'
+    response, request_id = send(client, head + b' "stream_options" :  ' + options + tail)
+    assert response.status_code == 200
+    sent = upstream.find(request_id)[0].body
+    ours = b'{"include_usage":true,"x":1}' if b'"x"' in options else b'{"include_usage":true}'
+    assert sent == head + b' "stream_options" :  ' + ours + tail
 
 
 def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> None:
@@ -195,12 +265,13 @@ def test_message_grammar(client: httpx.Client, upstream: ScriptedUpstream, messa
 
 def test_valid_conversations_pass(client: httpx.Client) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ", "detail": "low"}}
+    shouted = {"type": "image_url", "image_url": {"url": "HTTPS://example.com/a.png"}}  # schemes ignore case
     messages = [
         {"role": "user", "content": "first"},
         {"role": "system", "content": "be brief"},  # one system message, anywhere
         {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
         {"role": "tool", "content": "42", "tool_call_id": "1"},
-        {"role": "user", "content": [{"type": "text", "text": "and this?"}, image]},
+        {"role": "user", "content": [{"type": "text", "text": "and this?"}, image, shouted]},
     ]
     assert send(client, {"model": MODEL, "messages": messages})[0].status_code == 200
 
