@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeGuard
 
 from gateway.config import ModelConfig
 from gateway.ids import new_id
-from gateway.ledger.store import NANOS_PER_USD, LedgerRow
+from gateway.ledger.store import NANOS_PER_USD, LedgerRow, usd
 
 MILLION = Decimal(1_000_000)
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for Llama-family tokenizers on English text
@@ -26,6 +26,12 @@ def cost_usd(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> 
     return (
         prompt_tokens * model.input_usd_per_mtok + completion_tokens * model.output_usd_per_mtok
     ) / MILLION
+
+
+def billed_usd(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> Decimal:
+    """The price-table cost as the ledger books it, to the nano-dollar: the figure a caller is told,
+    so that what callers were told adds up to the reports exactly."""
+    return usd(nanos(cost_usd(model, prompt_tokens, completion_tokens)))
 
 
 def estimate_tokens(text: str) -> int:

@@ -79,7 +79,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
         ]
         return {"data": data}
 
-    @api.delete(f"{ADMIN_PREFIX}/keys/{{name}}")
+    @api.delete(f"{ADMIN_PREFIX}/keys/{{name:path}}")  # a name may hold a "/" (sent as %2F)
     async def revoke_key(name: str) -> dict[str, Any]:
         if name in keys.static_names:
             raise Conflict(f"The key {name!r} is defined in the config file; remove it there.", param="name")

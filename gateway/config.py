@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,7 +32,11 @@ METRICS_DIR_ENV = (
 )
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Strict: YAML's `true` is not 1, and `0` or "no" is not false; a number may be written 5 or 5.0.
+Whole = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
+Flag = Annotated[bool, Strict()]
+PositiveSeconds = Annotated[Number, Field(gt=0)]
 UsdPerMillionTokens = Annotated[Decimal, Field(ge=0)]
 
 
@@ -46,10 +51,10 @@ class _Section(BaseModel):
 class UpstreamConfig(_Section):
     base_url: str = "https://api.deepinfra.com/v1/openai"
     token_env: str = "DEEPINFRA_TOKEN"
-    require_token: bool = False
+    require_token: Flag = False
     connect_timeout_s: PositiveSeconds = 5
     read_timeout_s: PositiveSeconds = 600
-    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_connections: Annotated[Whole, Field(ge=1)] = 1000
 
     @field_validator("base_url")
     @classmethod
@@ -65,12 +70,12 @@ class UpstreamConfig(_Section):
 
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    max_body_bytes: Annotated[int, Field(ge=1)] = 20_971_520
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30
-    workers: Annotated[int, Field(ge=1)] = 1
+    port: Annotated[Whole, Field(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[Whole, Field(ge=1)] = 20_971_520
+    shutdown_grace_s: Annotated[Number, Field(ge=0)] = 30
+    workers: Annotated[Whole, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = False
+    access_log: Flag = False
     # uvloop and httptools are the fast defaults (README, "Why these libraries"); the pure-Python
     # ones are there for platforms without those wheels, and for the benchmark that compares them.
     loop: Literal["uvloop", "asyncio"] = "uvloop"
@@ -88,11 +93,27 @@ def _default_models() -> tuple[ModelConfig, ...]:
     return (ModelConfig(name=DEFAULT_MODEL, input_usd_per_mtok=price, output_usd_per_mtok=price),)
 
 
+LEDGER_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
 class LedgerConfig(_Section):
     url: str = "sqlite:///./gateway.db"
     url_env: str | None = (
         None  # env var holding the URL instead (a PostgreSQL password stays out of the file)
     )
+
+    @field_validator("url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        return _ledger_url(url)
+
+
+def _ledger_url(url: str) -> str:
+    """SQLite or PostgreSQL, the two ledgers the gateway is built and tested on."""
+    if not url.startswith(LEDGER_SCHEMES):
+        scheme = url.partition(":")[0] if ":" in url else url[:20]
+        raise ValueError(f"must start with sqlite:/// or postgresql:// (got a URL starting {scheme!r})")
+    return url
 
 
 class AdminConfig(_Section):
@@ -103,7 +124,7 @@ class MetricsConfig(_Section):
     """/metrics, in Prometheus' text format."""
 
     token_env: str | None = None  # env var holding a token that /metrics then requires (Bearer)
-    user_labels: bool = False  # a `user` label on the per-request series: one series per end user
+    user_labels: Flag = False  # a `user` label on the per-request series: one series per end user
 
 
 class StaticKey(_Section):
@@ -140,9 +161,9 @@ class AuthConfig(_Section):
 class SimulatorConfig(_Section):
     """The built-in upstream simulator, used when no upstream token is set."""
 
-    latency_ms: Annotated[float, Field(ge=0)] = 150
-    tokens_per_s: Annotated[float, Field(ge=0)] = 100
-    reply_tokens: Annotated[int, Field(ge=0)] = 24
+    latency_ms: Annotated[Number, Field(ge=0)] = 150
+    tokens_per_s: Annotated[Number, Field(ge=0)] = 100
+    reply_tokens: Annotated[Whole, Field(ge=0)] = 24
     usage_style: Literal["deepinfra", "openai"] = "deepinfra"
 
 
@@ -225,7 +246,10 @@ def _ledger(config: Config, environ: Mapping[str, str]) -> LedgerConfig:
     url = environ.get(config.ledger.url_env)
     if not url:
         raise ConfigError(f"ledger.url_env: environment variable {config.ledger.url_env} is not set")
-    return config.ledger.model_copy(update={"url": url})
+    try:
+        return config.ledger.model_copy(update={"url": _ledger_url(url)})
+    except ValueError as error:
+        raise ConfigError(f"ledger.url_env: the URL in {config.ledger.url_env} {error}") from None
 
 
 def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
@@ -272,14 +296,22 @@ def _static_key_digest(static: StaticKey, index: int, environ: Mapping[str, str]
 def _describe(error: ValidationError) -> str:
     """One line per problem, each naming the key as `section.key` or `auth.keys[0].name`."""
     lines = []
-    for problem in error.errors():
-        key = _dotted(problem["loc"])
+    problems = error.errors()
+    for problem in problems:
+        loc = problem["loc"]
+        if problem["type"] == "too_short" and any(p["loc"][: len(loc)] == loc != p["loc"] for p in problems):
+            continue  # "models: at least 1 item" only echoes a bad item, which has its own line
+        key = _dotted(loc)
         if problem["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:
             value = problem.get("input")
-            # Values under auth may be keys: never echo them.
-            hidden = isinstance(value, dict | list) or problem["type"] == "missing" or key.startswith("auth")
+            # Values under auth may be keys, a ledger URL may hold a password: never echo them.
+            hidden = (
+                isinstance(value, dict | list)
+                or problem["type"] == "missing"
+                or key.startswith(("auth", "ledger"))
+            )
             shown = "" if hidden else f" (got {value!r})"
             lines.append(f"{key}: {problem['msg']}{shown}")
     return "invalid config: " + "; ".join(lines)

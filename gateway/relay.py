@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.accounting import completion_text, cost_usd, estimate_prompt_tokens, estimate_tokens
+from gateway.accounting import billed_usd, completion_text, estimate_prompt_tokens, estimate_tokens
 from gateway.asgi import REQUEST_ID_HEADER, Receive, Send, send_json
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
@@ -214,7 +214,7 @@ def _with_estimated_cost(
     prompt_tokens = usage.get("prompt_tokens")
     completion_tokens = usage.get("completion_tokens")
     if isinstance(prompt_tokens, int) and isinstance(completion_tokens, int):
-        usage["estimated_cost"] = float(cost_usd(request.model, prompt_tokens, completion_tokens))
+        usage["estimated_cost"] = float(billed_usd(request.model, prompt_tokens, completion_tokens))
         result.cost_added = True
     payload["usage"] = result.usage = usage
     try:

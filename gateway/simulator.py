@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.accounting import cost_usd, estimate_prompt_tokens
+from gateway.accounting import billed_usd, estimate_prompt_tokens
 from gateway.config import ModelConfig, SimulatorConfig
 
 _WORDS = (
@@ -98,7 +98,7 @@ class _Simulator:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "estimated_cost": float(cost_usd(model, prompt_tokens, completion_tokens)),
+            "estimated_cost": float(billed_usd(model, prompt_tokens, completion_tokens)),
         }
 
     async def _pace(self, tokens: int) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -196,6 +198,26 @@ def test_any_mix_of_requests_outcomes_and_prices_adds_up_exactly(
     total = report(booked, "user")[user]
     assert (total["requests"], total["total_tokens"]) == (len(mix), tokens)
     assert Decimal(str(total["estimated_cost"])) == Decimal(nanos) / 10**9
+
+
+def test_costs_callers_are_told_add_up_to_the_reports(booked: GatewayProcess) -> None:
+    """Where the gateway prices a request itself (sub-nano-dollar prices), it tells the caller the
+    cost it books, to the nano-dollar: what callers were told sums to the report exactly."""
+    user = f"told-{uuid.uuid4().hex[:6]}"
+    client = openai.OpenAI(base_url=booked.url + "/v1/openai", api_key=CALLER_KEY, max_retries=0)
+    told = Decimal(0)
+    before = row_count(booked)
+    for _ in range(7):
+        reply = client.chat.completions.create(
+            model=ODD_MODEL, messages=[{"role": "user", "content": "scenario:no_cost"}], user=user
+        )
+        assert reply.usage is not None
+        told += Decimal(repr(reply.usage.model_extra["estimated_cost"]))
+    wait_for_rows(booked, before + 7)
+    with admin(booked) as http:
+        text = http.get("/admin/usage", params={"group_by": "user"}).text
+    (mine,) = [row for row in json.loads(text, parse_float=Decimal)["data"] if row["user"] == user]
+    assert mine["estimated_cost"] == told == 7 * Decimal(price_table_nanos(ODD_MODEL)) / 10**9
 
 
 def test_usage_json_is_exact_decimal_text(booked: GatewayProcess) -> None:
@@ -414,6 +436,9 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
         ]
         assert len(booked_rows) == statuses.count(200)
         assert client.delete("/admin/keys/nobody").status_code == 404
+        slashed = f"team/{name}"  # a name with a slash is revoked by its URL-encoded form
+        assert client.post("/admin/keys", json={"name": slashed}).status_code == 201
+        assert client.delete(f"/admin/keys/{quote(slashed, safe='')}").json()["name"] == slashed
         assert client.delete("/admin/keys/alice").status_code == 409
         assert client.post("/admin/keys", json={"name": name}).status_code == 409  # never reused
 

@@ -47,6 +47,14 @@ def serve_with(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> 
         ("secrets: {}\n", "secrets: unknown key"),
         ("- just\n- a list\n", "mapping"),
         ("server: [\n", "not valid YAML"),
+        ("server:\n  port: true\n", "server.port: Input should be a valid integer"),
+        ("server:\n  max_body_bytes: true\n", "server.max_body_bytes"),
+        ("upstream:\n  require_token: 0\n", "upstream.require_token"),
+        ("upstream:\n  require_token: 'no'\n", "upstream.require_token"),
+        ("simulator:\n  latency_ms: true\n", "simulator.latency_ms"),
+        ("ledger:\n  url: mysql://u@h/db\n", "ledger.url: Value error, must start with sqlite:///"),
+        ("ledger:\n  url: notaurl\n", "ledger.url"),
+        ("models:\n  - {name: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1, x: 1}\n", "models[0].x"),
     ],
 )
 def test_config_errors_stop_serve_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
@@ -60,6 +68,16 @@ def test_config_errors_never_echo_a_key(tmp_path: Path) -> None:
     code, output = serve_with(tmp_path, "auth:\n  keys:\n    - {name: a, key: [sk-gw-secret-value]}\n")
     assert code == 2 and "auth.keys[0].key" in output
     assert "sk-gw-secret-value" not in output
+
+
+def test_config_errors_say_one_thing_once_and_never_echo_a_database_password(tmp_path: Path) -> None:
+    code, output = serve_with(tmp_path, "ledger:\n  url: mysql://gw:hunter2@db/ledger\n")
+    assert code == 2 and "ledger.url" in output and "hunter2" not in output
+    assert "Traceback" not in output
+    code, output = serve_with(
+        tmp_path, "models:\n  - {name: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1, x: 1}\n"
+    )
+    assert output.count(";") == 0 and "models[0].x: unknown key" in output  # no "at least 1 item" echo
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
