@@ -37,7 +37,14 @@ from gateway.auth import AdminKey, KeyStore, MetricsToken
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config, load_config
 from gateway.dashboard import ASSETS_PREFIX, PAGE_PATHS, add_dashboard_routes
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound, Unauthorized
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    Unauthorized,
+)
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -247,18 +254,24 @@ def _add_metrics_route(api: FastAPI, metrics: Metrics, token: MetricsToken) -> N
 
 
 def _add_model_routes(api: FastAPI, config: Config) -> None:
-    models = {
-        "object": "list",
-        "data": [
-            {"id": model.name, "object": "model", "created": 0, "owned_by": "deepinfra"}
-            for model in config.models
-        ],
+    by_name: dict[str, dict[str, Any]] = {
+        model.name: {"id": model.name, "object": "model", "created": 0, "owned_by": "deepinfra"}
+        for model in config.models
     }
+    models = {"object": "list", "data": list(by_name.values())}
 
     @api.get("/v1/openai/models")
     @api.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return models
+
+    # `client.models.retrieve(...)`: a model's name holds a slash, sent as it is.
+    @api.get("/v1/openai/models/{name:path}")
+    @api.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> dict[str, Any]:
+        if name not in by_name:
+            raise ModelNotFound(f"The model {name!r} does not exist or is not served by this gateway.")
+        return by_name[name]
 
 
 def _add_error_handlers(api: FastAPI) -> None:

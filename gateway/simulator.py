@@ -81,10 +81,11 @@ class _Simulator:
 
     def _reply(self, body: dict[str, Any]) -> Reply:
         length = self._settings.reply_tokens
-        max_tokens = body.get("max_tokens")
         finish_reason = "stop"
-        if isinstance(max_tokens, int) and max_tokens < length:
-            length, finish_reason = max_tokens, "length"
+        for field in ("max_tokens", "max_completion_tokens"):  # the old name and OpenAI's newer one
+            limit = body.get(field)
+            if isinstance(limit, int) and limit < length:
+                length, finish_reason = limit, "length"
         words = itertools.islice(itertools.cycle(_WORDS), length)
         return Reply(tokens=[f" {word}" for word in words], finish_reason=finish_reason)
 

@@ -253,6 +253,8 @@ FIELD_CHECKS: dict[str, FieldCheck] = {
     "min_p": _number_in(0, 1),
     "top_k": _integer_in(0, 1000, high_open=True),
     "max_tokens": _integer_in(0, 1_000_000),
+    # OpenAI's newer name for max_tokens, which current SDKs and LangChain send: the same range.
+    "max_completion_tokens": _integer_in(0, 1_000_000),
     "presence_penalty": _number_in(-2, 2),
     "frequency_penalty": _number_in(-2, 2),
     "repetition_penalty": _number_in(0.01, 5),

@@ -76,6 +76,27 @@ def test_models_list(sim_gateway: GatewayProcess) -> None:
     assert [model.id for model in sync_client(sim_gateway).models.list()] == [MODEL]
 
 
+def test_models_retrieve(sim_gateway: GatewayProcess) -> None:
+    for suffix in ("/v1/openai", "/v1"):
+        client = sync_client(sim_gateway, suffix=suffix)
+        assert client.models.retrieve(MODEL).id == MODEL  # the name holds a slash
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.models.retrieve("acme/none")
+        assert refused.value.code == "model_not_found"
+
+
+def test_max_completion_tokens_as_langchain_sends_it(sim_gateway: GatewayProcess) -> None:
+    """Current SDKs and LangChain send OpenAI's newer name for max_tokens: checked and honoured."""
+    client = sync_client(sim_gateway)
+    messages = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5)
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+    assert reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=-5)
+    assert refused.value.param == "max_completion_tokens"
+
+
 def test_vision_request_with_image_parts(sim_gateway: GatewayProcess) -> None:
     messages = [
         {
@@ -87,7 +108,7 @@ def test_vision_request_with_image_parts(sim_gateway: GatewayProcess) -> None:
             ],
         }
     ]
-    completion = sync_client(sim_gateway).chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    completion = sync_client(sim_gateway).chat.completions.create(model=MODEL, messages=messages)
     assert completion.choices[0].message.content
 
 

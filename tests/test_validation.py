@@ -33,6 +33,11 @@ RANGES: list[tuple[str, list[Any], list[tuple[Any, str]]]] = [
         [0, 1_000_000],
         [(-1, "invalid_value"), (1_000_001, "invalid_value"), (10.0, "invalid_type")],
     ),
+    (
+        "max_completion_tokens",
+        [0, 1_000_000],
+        [(-1, "invalid_value"), (1_000_001, "invalid_value"), (10.0, "invalid_type")],
+    ),
     ("presence_penalty", [-2, 2, 0], [(-2.01, "invalid_value"), (2.01, "invalid_value")]),
     ("frequency_penalty", [-2, 2.0], [(-2.5, "invalid_value"), (2.5, "invalid_value")]),
     (
@@ -53,7 +58,7 @@ NUMBER_FIELDS = [
     "frequency_penalty",
     "repetition_penalty",
 ]
-INTEGER_FIELDS = ["top_k", "max_tokens", "seed"]
+INTEGER_FIELDS = ["top_k", "max_tokens", "max_completion_tokens", "seed"]
 
 ACCEPTED = [(field, value) for field, good, _ in RANGES for value in good]
 REJECTED = [(field, value, code) for field, _, bad in RANGES for value, code in bad]
