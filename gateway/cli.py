@@ -19,6 +19,7 @@ import uvicorn
 from gateway.app import LedgerUnreachable, create_app, open_ledger
 from gateway.config import CONFIG_ENV, METRICS_DIR_ENV, Config, ConfigError, SimulatorConfig, load_config
 from gateway.errors import InvalidRequest
+from gateway.http_guard import guarded_protocol
 from gateway.ledger.store import GROUPS, KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import FORMATS, as_csv, as_json, as_table, usage_query
 from gateway.simulator import start_simulator
@@ -60,7 +61,10 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         "host": host or config.server.host,
         "port": config.server.port if port is None else port,
         "loop": config.server.loop,
-        "http": config.server.http,
+        # httptools with the gateway's limits on request heads and slow clients (gateway/http_guard.py)
+        "http": guarded_protocol(config.server.client_timeout_s)
+        if config.server.http == "httptools"
+        else config.server.http,
         "lifespan": "on",
         "log_level": config.server.log_level,
         "access_log": config.server.access_log,

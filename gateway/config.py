@@ -73,6 +73,7 @@ class ServerConfig(_Section):
     port: Annotated[Whole, Field(ge=0, le=65535)] = 8000
     max_body_bytes: Annotated[Whole, Field(ge=1)] = 20_971_520
     shutdown_grace_s: Annotated[Number, Field(ge=0)] = 30
+    client_timeout_s: PositiveSeconds = 60  # for a request's head, and between two reads of its body
     workers: Annotated[Whole, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: Flag = False

@@ -1,0 +1,123 @@
+"""Clients that send too much, too slowly, or not HTTP at all: bounded answers in OpenAI's error shape,
+connections that do not pile up, and a stream that is never cut for being long.
+
+Raw sockets, since an HTTP client would not send such requests. Each test waits on the socket for
+the gateway's answer or close (an event), never on a clock of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.http_guard import MAX_HEAD_BYTES
+from gateway.ledger.store import Ledger
+from tests.conftest import auth_headers, chat
+from tests.servers import CALLER_KEY, GatewayProcess, gateway_config
+
+CLIENT_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """On its simulator, with a short client timeout and a stream that outlasts it (1 s)."""
+    config = gateway_config(
+        server={"client_timeout_s": CLIENT_TIMEOUT_S},
+        simulator={"latency_ms": 0, "tokens_per_s": 20, "reply_tokens": 20},
+    )
+    process = GatewayProcess(config, tmp_path_factory.mktemp("guarded")).start()
+    yield process
+    process.stop()
+
+
+def exchange(gateway: GatewayProcess, data: bytes) -> bytes:
+    """Send `data`, then read until the gateway closes the connection (at most 10 s)."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(data)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def error_of(answer: bytes) -> tuple[int, dict[str, str]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nx-request-id: " in head
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_an_oversized_request_head_is_431_and_others_are_served(guarded: GatewayProcess) -> None:
+    status, error = error_of(
+        exchange(
+            guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4 * MAX_HEAD_BYTES + b"\r\n\r\n"
+        )
+    )
+    assert status == 431 and error["code"] == "request_header_fields_too_large"
+    assert error["type"] == "invalid_request_error"
+    many = b"".join(b"X-H%d: v\r\n" % n for n in range(20_000))
+    assert error_of(exchange(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"))[0] == 431
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def test_a_head_within_the_limit_is_served(guarded: GatewayProcess) -> None:
+    headers = {**auth_headers(), "x-padding": "p" * (MAX_HEAD_BYTES // 2)}
+    assert httpx.get(guarded.url + "/v1/models", headers=headers).status_code == 200
+
+
+def test_a_head_that_stops_halfway_is_408(guarded: GatewayProcess) -> None:
+    status, error = error_of(exchange(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"))
+    assert status == 408 and error["code"] == "request_timeout"
+
+
+def test_a_connection_that_sends_nothing_is_closed(guarded: GatewayProcess) -> None:
+    assert exchange(guarded, b"") == b""
+
+
+def test_what_is_not_http_gets_400_in_the_openai_shape(guarded: GatewayProcess) -> None:
+    status, error = error_of(exchange(guarded, b"NOT HTTP AT ALL\r\n\r\n"))
+    assert status == 400 and error["code"] == "invalid_http"
+
+
+def test_a_body_that_stops_is_cut_and_booked(guarded: GatewayProcess) -> None:
+    request_id = f"stalled-{time.monotonic_ns()}"
+    head = (
+        b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"x-request-id: %s\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        % (CALLER_KEY.encode(), request_id.encode())
+    )
+    assert exchange(guarded, head + b'{"model": ') == b""  # closed, as the caller left
+    row = wait_for_row(guarded, request_id)
+    assert (row["outcome"], row["status"]) == ("client_disconnected", 499)
+
+
+def test_a_stream_longer_than_the_client_timeout_is_not_cut(guarded: GatewayProcess) -> None:
+    response = httpx.post(
+        guarded.url + "/v1/openai/chat/completions",
+        json=chat(stream=True),
+        headers=auth_headers(),
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert response.content.endswith(b"data: [DONE]\n\n")
+    assert response.content.count(b'"content":') >= 20  # 20 tokens at 20 a second: a second long
+
+
+def wait_for_row(gateway: GatewayProcess, request_id: str) -> dict[str, object]:
+    """Rows are written off the request path; the spec gives them one second to show."""
+    ledger = Ledger(gateway.ledger_url)
+    try:
+        deadline = time.monotonic() + 2.0
+        while True:
+            rows = [row for row in ledger.rows() if row["request_id"] == request_id]
+            if rows:
+                return rows[0]
+            assert time.monotonic() < deadline, "not booked"
+            time.sleep(0.02)
+    finally:
+        ledger.close()
