@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.auth import KeyStore
-from gateway.errors import Conflict, InvalidRequest, KeyMissing
+from gateway.errors import Conflict, InvalidRequest, KeyMissing, PayloadTooLarge
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import as_csv, as_daily_csv, as_daily_json, as_json, daily_query, usage_query
 from gateway.validate import parse_json_object
@@ -21,6 +21,7 @@ logger = logging.getLogger("gateway")
 
 ADMIN_PREFIX = "/admin"
 _NAME_LIMIT = 200
+_BODY_LIMIT = 64 * 1024
 
 
 def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
@@ -49,7 +50,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
 
     @api.post(f"{ADMIN_PREFIX}/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
-        name = _key_name(parse_json_object(await request.body()).get("name"))
+        name = _key_name(parse_json_object(await _small_body(request)).get("name"))
         if name in keys.static_names:
             raise Conflict(f"A key named {name!r} is defined in the config file.", param="name")
         try:
@@ -89,6 +90,16 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
         await _apply_key_change(ledger, keys)
         return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
+
+
+async def _small_body(request: Request) -> bytes:
+    """An admin request's body: a few bytes of JSON; more than _BODY_LIMIT is refused as it arrives."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _BODY_LIMIT:
+            raise PayloadTooLarge(f"An admin request body may be at most {_BODY_LIMIT // 1024} KiB.")
+    return body
 
 
 async def reload_issued_keys(ledger: Ledger, keys: KeyStore) -> None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway.admin import ADMIN_PREFIX, add_admin_routes, reload_issued_keys
 from gateway.asgi import (
@@ -192,7 +193,8 @@ def open_ledger(ledger: Ledger, url: str) -> None:
 
 
 def _without_password(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """The URL with its password starred; up to the last "@", since a password may hold one."""
+    return re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)
 
 
 async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float = 0.4) -> None:
@@ -311,6 +313,10 @@ def _add_error_handlers(api: FastAPI) -> None:
         first = error.errors()[0] if error.errors() else {}
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return render(InvalidRequest(f"{param}: {first.get('msg', 'invalid')}", param=param))
+
+    @api.exception_handler(ClientDisconnect)
+    async def caller_left(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nobody reads it; not an error of the gateway's
 
     @api.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ from gateway.accounting import Booking
 from gateway.asgi import ClientGone, Receive, Scope, Send, read_body, read_headers, request_id_for, send_error
 from gateway.auth import KeyStore
 from gateway.config import Config, ModelConfig
-from gateway.errors import GatewayError, MethodNotAllowed
+from gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown
 from gateway.ledger.store import LedgerRow
 from gateway.relay import RelayResult, Upstream, relay_completion, relay_stream
 from gateway.validate import check_chat_request, parse_json_object
@@ -65,7 +65,13 @@ class ChatCompletions:
         except asyncio.CancelledError:  # the server's shutdown grace ran out
             if not result.delivered and result.outcome != "shutdown":
                 result.outcome, result.status = "shutdown", 503
-            raise
+            if not result.delivered and not result.upstream_answered:  # no answer begun: say why
+                await send_error(send, ShuttingDown("The gateway is shutting down."), request_id)
+            # Answered (a stream ends with its error event) and booked below: the cancel has done
+            # its work, and passed on it would make the server log a traceback for each request.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
         except Exception:
             # A bug, not a request problem: log it, and answer in OpenAI's shape if nothing was sent yet
             # (if a response had started, send_error raises and the server closes the connection).

@@ -61,6 +61,8 @@ class UpstreamConfig(_Section):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "@" in value.split("/", 3)[2]:
+            raise ValueError("must not hold credentials: the token comes from upstream.token_env")
         return value.rstrip("/")
 
     @property
@@ -226,7 +228,11 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config is not valid YAML: {error}") from None
+        # Where and what, but not PyYAML's quote of the line: it may hold a key.
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"config is not valid YAML: {problem}{where}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("config must be a YAML mapping of sections (upstream, server, models, ...)")
@@ -307,11 +313,11 @@ def _describe(error: ValidationError) -> str:
             lines.append(f"{key}: unknown key")
         else:
             value = problem.get("input")
-            # Values under auth may be keys, a ledger URL may hold a password: never echo them.
+            # Values under auth may be keys, a URL may hold a password: never echo them.
             hidden = (
                 isinstance(value, dict | list)
                 or problem["type"] == "missing"
-                or key.startswith(("auth", "ledger"))
+                or key.startswith(("auth", "ledger", "upstream.base_url"))
             )
             shown = "" if hidden else f" (got {value!r})"
             lines.append(f"{key}: {problem['msg']}{shown}")

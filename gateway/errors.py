@@ -109,3 +109,11 @@ class UpstreamTimeout(GatewayError):
     status = 504
     error_type = "upstream_error"
     default_code = "upstream_timeout"
+
+
+class ShuttingDown(GatewayError):
+    """The server's shutdown grace ran out before this request was answered."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "shutting_down"

@@ -68,7 +68,12 @@ class Upstream:
         self.metrics = metrics
         self._config = config
         self._authorization = f"Bearer {token}"
+        self._token = token.encode()
         self._session: aiohttp.ClientSession | None = None
+
+    def without_token(self, body: bytes) -> bytes:
+        """An upstream error that quotes the token it was given must not show it to the caller."""
+        return body.replace(self._token, b"***") if self._token and self._token in body else body
 
     async def start(self, base_url: str | None = None) -> None:
         """Open the client session; `base_url` overrides the configured one (the in-process simulator)."""
@@ -181,6 +186,7 @@ async def _relay_json(
     result.outcome, result.status = ("ok" if status < 400 else "upstream_error"), status
     if status >= 400:
         upstream.metrics.upstream_error("http_4xx" if status < 500 else "http_5xx")
+        body = upstream.without_token(body)
     if status < 400 and isinstance(payload, dict):
         result.upstream_answered = True
         result.service_tier = payload.get("service_tier")

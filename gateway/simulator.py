@@ -13,6 +13,7 @@ It runs on aiohttp's web server so that `gateway serve` can start it inside its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -113,6 +114,13 @@ class _Simulator:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):  # the gateway closed it (its caller left)
+            await self._events(response, body, reply, usage)
+        return response
+
+    async def _events(
+        self, response: web.StreamResponse, body: dict[str, Any], reply: Reply, usage: dict[str, Any]
+    ) -> None:
         chunk = _chunk_maker(body)
         gap = 1 / self._settings.tokens_per_s if self._settings.tokens_per_s else 0
         await response.write(chunk({"role": "assistant", "content": ""}))
@@ -130,7 +138,6 @@ class _Simulator:
                 await response.write(chunk(None, usage=usage))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
 
 
 def _chunk_maker(body: dict[str, Any]) -> Any:

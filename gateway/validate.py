@@ -136,8 +136,12 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
     # Rare: the caller sent stream_options without include_usage: true. Only that value changes.
     options = body["stream_options"]
     ours = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    try:
+        value = json.dumps(ours, separators=(",", ":")).encode()
+    except RecursionError:
+        raise InvalidRequest("stream_options is nested too deeply.", param="stream_options") from None
     start, end = _top_level_value_span(raw, "stream_options")
-    return raw[:start] + json.dumps(ours, separators=(",", ":")).encode() + raw[end:]
+    return raw[:start] + value + raw[end:]
 
 
 def _top_level_value_span(raw: bytes, key: str) -> tuple[int, int]:

@@ -138,6 +138,12 @@ async def _error_only_stdlib_reads(
     await connection.json(400, b'{"error": {"message": "bad \\ud800", "type": "invalid_request_error"}}')
 
 
+async def _echo_token(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
+    """An upstream that quotes the credentials it was sent in its error (some do)."""
+    quoted = request.headers.get("authorization", "").encode()
+    await connection.json(401, b'{"error": {"message": "Incorrect API key: %s", "type": "auth"}}' % quoted)
+
+
 async def _garbage(upstream: ScriptedUpstream, request: UpstreamRequest, connection: Connection) -> None:
     await connection.plain(200, b"this is not json {", "application/json")
 
@@ -209,6 +215,7 @@ SCENARIOS = {
     "server_error_json": _server_error_json,
     "server_error_html": _server_error_html,
     "garbage": _garbage,
+    "echo_token": _echo_token,
     "error_only_stdlib_reads": _error_only_stdlib_reads,
     "drop": _drop,
     "stall": _stall,

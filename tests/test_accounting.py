@@ -477,9 +477,17 @@ def test_cli_usage_and_keys(booked: GatewayProcess, tmp_path: Path) -> None:
     )
 
 
-def test_an_unreachable_ledger_stops_serve_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("password", ["hunter2", "p@ss-hunter2"])  # a raw "@" in a password too
+def test_an_unreachable_ledger_stops_serve_with_a_clear_message(tmp_path: Path, password: str) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("ledger:\n  url: postgresql://postgres:hunter2@127.0.0.1:1/nowhere\n")
+    config.write_text(f"ledger:\n  url: postgresql://postgres:{password}@127.0.0.1:1/nowhere\n")
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 4
     assert "ledger.url: cannot open the ledger" in result.output and "hunter2" not in result.output
+    assert "postgresql://postgres:***@127.0.0.1:1/nowhere" in result.output
+
+
+def test_admin_bodies_are_small(booked: GatewayProcess) -> None:
+    with admin(booked) as client:
+        response = client.post("/admin/keys", content=b'{"name": "' + b"x" * 100_000 + b'"}')
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

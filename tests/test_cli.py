@@ -70,6 +70,19 @@ def test_config_errors_never_echo_a_key(tmp_path: Path) -> None:
     assert "sk-gw-secret-value" not in output
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('auth: {keys: [{name: alice, key: "sk-gw-secret-value}', "not valid YAML"),  # PyYAML quotes lines
+        ("upstream:\n  base_url: https://user:sk-gw-secret-value@api.deepinfra.com\n", "upstream.base_url"),
+    ],
+)
+def test_config_errors_never_quote_a_secret(tmp_path: Path, text: str, named: str) -> None:
+    code, output = serve_with(tmp_path, text)
+    assert code == 2 and named in output
+    assert "sk-gw-secret-value" not in output
+
+
 def test_config_errors_say_one_thing_once_and_never_echo_a_database_password(tmp_path: Path) -> None:
     code, output = serve_with(tmp_path, "ledger:\n  url: mysql://gw:hunter2@db/ledger\n")
     assert code == 2 and "ledger.url" in output and "hunter2" not in output

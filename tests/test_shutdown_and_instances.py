@@ -76,14 +76,35 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_books_every_request(
         threads.append(thread)
         started.append(first_event)
     assert all(event.wait(10) for event in started)
+    # And one plain request that upstream never answers: it must get a 503 of its own.
+    waiting_id = str(uuid.uuid4())
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                gateway.url + CHAT_PATH,
+                json=chat("scenario:stall"),
+                headers=auth_headers(request_id=waiting_id),
+                timeout=30,
+            )
+        )
+    )
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not upstream.find(waiting_id):  # upstream has it (polling another thread's record)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
     assert gateway.process is not None
     gateway.process.send_signal(signal.SIGTERM)
-    for thread in threads:
+    for thread in [*threads, waiting]:
         thread.join(15)
     # uvicorn re-raises the signal it caught once its shutdown is done: exiting "by SIGTERM" is normal.
     assert gateway.stop() in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in gateway.logs()
+    assert "Traceback" not in gateway.logs() and "Exception in ASGI application" not in gateway.logs()
+    (answer,) = answers
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
 
     assert len(received) == 3
     for data in received.values():
@@ -91,10 +112,11 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_books_every_request(
         assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "shutting_down"
         assert b"[DONE]" not in data
     rows = all_rows(gateway.ledger_url)
-    assert sorted(r["outcome"] for r in rows) == ["ok"] * 5 + ["shutdown"] * 3
+    assert sorted(r["outcome"] for r in rows) == ["ok"] * 5 + ["shutdown"] * 4
     held = [r for r in rows if r["outcome"] == "shutdown"]
-    assert {r["request_id"] for r in held} == set(received)
-    assert all(r["usage_source"] == "estimated" and r["completion_tokens"] == 1 for r in held)
+    assert {r["request_id"] for r in held} == {*received, waiting_id}
+    streamed = [r for r in held if r["request_id"] != waiting_id]
+    assert all(r["usage_source"] == "estimated" and r["completion_tokens"] == 1 for r in streamed)
 
 
 @pytest.fixture

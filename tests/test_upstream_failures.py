@@ -47,6 +47,13 @@ def test_an_error_body_orjson_refuses_is_still_relayed(client: httpx.Client) -> 
     assert response.content == b'{"error": {"message": "bad \\ud800", "type": "invalid_request_error"}}'
 
 
+def test_an_upstream_error_quoting_the_token_does_not_show_it(client: httpx.Client) -> None:
+    response = client.post(CHAT_PATH, json=chat("scenario:echo_token"))
+    assert response.status_code == 401
+    assert UPSTREAM_TOKEN not in response.text
+    assert response.json()["error"]["message"] == "Incorrect API key: Bearer ***"
+
+
 def test_retry_after_is_passed_on(client: httpx.Client) -> None:
     assert client.post(CHAT_PATH, json=chat("scenario:rate_limited")).headers["retry-after"] == "7"
 

@@ -206,6 +206,16 @@ def test_only_stream_options_changes_when_the_gateway_asks_for_usage(
     assert sent == head + b' "stream_options" :  ' + ours + tail
 
 
+def test_deeply_nested_stream_options_are_a_400_not_a_crash(client: httpx.Client) -> None:
+    deep = b"[" * 990 + b"]" * 990
+    raw = (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stream": true, ' % MODEL.encode()
+    )
+    response, _ = send(client, raw + b'"stream_options": {"x": ' + deep + b"}}")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream_options"
+
+
 def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
     error = send(client, chat(tool_choice=choice))[0].json()["error"]
