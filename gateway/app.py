@@ -194,7 +194,7 @@ def open_ledger(ledger: Ledger, url: str) -> None:
 
 def _without_password(url: str) -> str:
     """The URL with its password starred; up to the last "@", since a password may hold one."""
-    return re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)
+    return re.sub(r"://([^:/@]*):.*@", r"://\1:***@", url)
 
 
 async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float = 0.4) -> None:

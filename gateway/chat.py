@@ -8,6 +8,7 @@ Every request with a valid key is booked exactly once, whatever its end (the `fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Protocol
 
@@ -66,7 +67,9 @@ class ChatCompletions:
             if not result.delivered and result.outcome != "shutdown":
                 result.outcome, result.status = "shutdown", 503
             if not result.delivered and not result.upstream_answered:  # no answer begun: say why
-                await send_error(send, ShuttingDown("The gateway is shutting down."), request_id)
+                # (uvicorn refuses a second response start if the relay's had just gone out)
+                with contextlib.suppress(RuntimeError):
+                    await send_error(send, ShuttingDown("The gateway is shutting down."), request_id)
             # Answered (a stream ends with its error event) and booked below: the cancel has done
             # its work, and passed on it would make the server log a traceback for each request.
             current = asyncio.current_task()

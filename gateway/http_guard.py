@@ -41,7 +41,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._client_timeout_s = client_timeout_s
         self._in_head = True  # between requests, or inside a request's line and headers
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes of the head being read
+        self._framing_bytes = 0  # bytes after the head that are not body (chunk sizes, trailers)
+        self._body_bytes = 0  # of the request being read
+        self._read_body_bytes = 0  # of the bytes being parsed
         self._completed_in_read = False  # a request ended inside the bytes being parsed
         self._refused = False  # answered with an error: what else arrives is read and dropped
         self._timer: asyncio.TimerHandle | None = None
@@ -57,15 +60,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._in_head and self._timer is None:  # the first byte of a request on a kept-alive connection
-            self._arm(self._head_too_slow)
-        self._completed_in_read = False
+        if self._in_head and self._timer is None and not self._busy():
+            self._arm(self._head_too_slow)  # the first byte of a request on a kept-alive connection
+        in_body = not self._in_head
+        self._completed_in_read, self._read_body_bytes = False, 0
         super().data_received(data)
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
-        if not self._in_head:
-            if not self._completed_in_read:  # a body is on its way: the clock restarts at each read
-                self._arm(self._body_stalled)
+        if not self._in_head:  # inside a body: its clock restarts at each read
+            if in_body and not self._completed_in_read:  # all of this read belongs to the request
+                self._framing_bytes += len(data) - self._read_body_bytes
+            if self._framing_bytes > MAX_HEAD_BYTES + self._body_bytes:  # e.g. a 100 MB trailer
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    "request_header_fields_too_large",
+                    "The request's chunk framing and trailers are far larger than its body.",
+                )
+                return
+            self._arm(self._body_stalled)
             return
         # Still in a head: count what arrived (all of it, unless a pipelined request ended inside it,
         # whose bytes are not this head's: then count from the next read; the bound moves by one read).
@@ -80,19 +93,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        self._in_head, self._head_bytes = False, 0
+        self._in_head, self._head_bytes, self._framing_bytes, self._body_bytes = False, 0, 0, 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        self._read_body_bytes += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_head, self._completed_in_read = True, True  # the next request's timer: at its first byte
         super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_head and self._head_bytes and self._timer is None and not self.transport.is_closing():
+            self._arm(self._head_too_slow)  # a head that began while the answer before it was going out
+
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse: 400 in OpenAI's error shape, not uvicorn's plain text."""
         self._refuse(400, "Bad Request", "invalid_http", "The request is not valid HTTP/1.1.")
 
     # --- timers --------------------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        """A request is being handled on this connection: its answer is the app's to give."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _arm(self, handler: Any) -> None:
         self._disarm()
@@ -105,8 +132,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._timer = None
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or self._busy():
+            return  # on_response_complete starts the clock again if a head is still pending
         if self._head_bytes == 0:
             self.transport.close()  # nothing of a request arrived: an idle connection, not an error
             return
@@ -120,11 +147,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _body_stalled(self) -> None:
         """The app is reading this body: closing makes it see the caller leave, and book that."""
         self._timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        # Not the caller's delay: uvicorn stopped reading until the app catches up (a big body, a
+        # queued request), or the caller waits for "100 Continue", which the app has not asked for yet.
+        app_behind = self.flow is not None and self.flow.read_paused
+        if app_behind or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+            self._arm(self._body_stalled)
+            return
+        self.transport.close()
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        """Answer with an error and end the connection. While the app handles a request here, the
+        answer is its own: a response going out ends, and then the connection; a request still being
+        read (its trailer too large) is cut, and the app sees the caller leave."""
+        if self._refused or self.transport.is_closing():
+            return
         self._disarm()
+        self._refused = True
+        if self._busy():
+            if self.cycle.response_started:
+                self.cycle.keep_alive = False
+            else:
+                self.transport.close()
+            return
         body = orjson.dumps(
             {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
         )
@@ -136,7 +182,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(head + body)
         # Close our side after the answer, but keep reading (and dropping) for a moment: closing with
         # unread bytes would make the kernel reset the connection, and the caller might lose the answer.
-        self._refused = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(_LINGER_S, self.transport.close)

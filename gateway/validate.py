@@ -24,8 +24,10 @@ from gateway.errors import InvalidRequest, ModelNotFound
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 TOOL_CHOICES = ("none", "auto")
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
-# Every key is a string followed by a colon; so is any escaped quote inside a string followed by one
-# (rare): counting these bounds the number of keys written from above, at the speed of a byte scan.
+# Every key is a string followed by a colon: counting these bounds the keys written from above, at the
+# speed of a byte scan. An escaped quote and a colon inside a string (`\":`, common in tool calls'
+# JSON arguments) is taken off; `\\":` (an escaped backslash ending a key) is put back, so the count
+# never falls below the keys written.
 _KEY_LIKE = re.compile(rb'"\s*:')
 # JSON's strings and the punctuation around values, for finding one top-level value's bytes.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
@@ -73,7 +75,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
     try:
-        if len(_KEY_LIKE.findall(raw)) > _count_keys(body):  # a key twice, or a `\":` inside a string
+        written = len(_KEY_LIKE.findall(raw)) - raw.count(b'\\":') + raw.count(b'\\\\":')
+        if written > _count_keys(body):  # a key twice (or, rarely, a quote-colon the count kept)
             _refuse_duplicate_keys(raw)
     except RecursionError:
         raise InvalidRequest("Request body is nested too deeply.", code="invalid_json") from None
@@ -133,14 +136,19 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
         # Splice before the closing brace: the caller's bytes stay as they are.
         end = raw.rfind(b"}")
         return raw[:end] + _INCLUDE_USAGE
-    # Rare: the caller sent stream_options without include_usage: true. Only that value changes.
-    options = body["stream_options"]
-    ours = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    try:
-        value = json.dumps(ours, separators=(",", ":")).encode()
-    except RecursionError:
-        raise InvalidRequest("stream_options is nested too deeply.", param="stream_options") from None
+    # Rare: the caller sent stream_options without include_usage: true. Only that value changes,
+    # read again from its own bytes by the standard library (integers of any size stay exact).
     start, end = _top_level_value_span(raw, "stream_options")
+    try:
+        options = json.loads(raw[start:end])
+        ours = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        value = json.dumps(ours, separators=(",", ":"), allow_nan=False).encode()
+    except (ValueError, RecursionError):  # 1e400 (no JSON for infinity), or nested past the stack
+        raise InvalidRequest(
+            "stream_options holds a value the gateway cannot pass on (a number beyond a double, or "
+            "nesting too deep).",
+            param="stream_options",
+        ) from None
     return raw[:start] + value + raw[end:]
 
 

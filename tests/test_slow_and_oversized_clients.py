@@ -36,13 +36,16 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 
 
 def exchange(gateway: GatewayProcess, data: bytes) -> bytes:
-    """Send `data`, then read until the gateway closes the connection (at most 10 s)."""
+    """Send `data`, then read until the gateway closes (or resets) the connection (at most 10 s)."""
     host, port = gateway.url.removeprefix("http://").split(":")
+    answer = b""
     with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(data)
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
+        try:
+            connection.sendall(data)
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):  # closed with our bytes unread: ended all the same
+            pass
     return answer
 
 
@@ -106,6 +109,57 @@ def test_a_stream_longer_than_the_client_timeout_is_not_cut(guarded: GatewayProc
     assert response.status_code == 200
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert response.content.count(b'"content":') >= 20  # 20 tokens at 20 a second: a second long
+
+
+def test_a_huge_trailer_is_cut_like_a_huge_head(guarded: GatewayProcess) -> None:
+    """Trailers come after the body: the request is cut (the app sees the caller leave)."""
+    request_id = f"trailer-{time.monotonic_ns()}"
+    head = (
+        b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"x-request-id: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % (CALLER_KEY.encode(), request_id.encode())
+    )
+    trailer = b"0\r\nX-T: " + b"a" * 16 * MAX_HEAD_BYTES + b"\r\n\r\n"
+    assert exchange(guarded, head + b"2\r\n{}\r\n" + trailer) == b""
+    assert wait_for_row(guarded, request_id)["outcome"] == "client_disconnected"
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def test_a_pipelined_request_whose_body_stops_is_cut_too(guarded: GatewayProcess) -> None:
+    """The end of one request and the start of the next in one packet: the second is still timed."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = (
+        b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: 1000000\r\n\r\nab" % CALLER_KEY.encode()
+    )
+    answer = exchange(guarded, first + second)  # returns once the gateway closes the connection
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+
+
+def test_bytes_sent_during_a_stream_never_cut_it(guarded: GatewayProcess) -> None:
+    """A stray line end after the request, while the answer streams for longer than the timeout."""
+    body = json.dumps(chat(stream=True)).encode()
+    request = (
+        b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (CALLER_KEY.encode(), len(body), body)
+    )
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        answer = connection.recv(65536)
+        connection.sendall(b"\r\n")
+        while b"data: [DONE]" not in answer:
+            chunk = connection.recv(65536)
+            assert chunk, "the stream was cut"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and b"408" not in answer
+
+
+def test_a_refusal_is_answered_once_and_logs_no_traceback(guarded: GatewayProcess) -> None:
+    status, _ = error_of(exchange(guarded, b"NOT HTTP " + b"x" * 4 * MAX_HEAD_BYTES + b"\r\n\r\n"))
+    assert status in (400, 431)
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+    assert "Traceback" not in guarded.logs() and "Fatal error" not in guarded.logs()
 
 
 def wait_for_row(gateway: GatewayProcess, request_id: str) -> dict[str, object]:
