@@ -152,7 +152,7 @@ def test_bytes_sent_during_a_stream_never_cut_it(guarded: GatewayProcess) -> Non
             chunk = connection.recv(65536)
             assert chunk, "the stream was cut"
             answer += chunk
-    assert answer.startswith(b"HTTP/1.1 200") and b"408" not in answer
+    assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" not in answer
 
 
 def test_a_refusal_is_answered_once_and_logs_no_traceback(guarded: GatewayProcess) -> None:
