@@ -11,8 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.asgi import read_body, read_headers
 from gateway.auth import KeyStore
-from gateway.errors import Conflict, InvalidRequest, KeyMissing, PayloadTooLarge
+from gateway.errors import Conflict, InvalidRequest, KeyMissing
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import as_csv, as_daily_csv, as_daily_json, as_json, daily_query, usage_query
 from gateway.validate import parse_json_object
@@ -21,7 +22,7 @@ logger = logging.getLogger("gateway")
 
 ADMIN_PREFIX = "/admin"
 _NAME_LIMIT = 200
-_BODY_LIMIT = 64 * 1024
+_BODY_LIMIT = 64 * 1024  # an admin body is a few bytes of JSON
 
 
 def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
@@ -50,7 +51,8 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
 
     @api.post(f"{ADMIN_PREFIX}/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
-        name = _key_name(parse_json_object(await _small_body(request)).get("name"))
+        body = await read_body(request.receive, read_headers(request.scope).content_length, _BODY_LIMIT)
+        name = _key_name(parse_json_object(body).get("name"))
         if name in keys.static_names:
             raise Conflict(f"A key named {name!r} is defined in the config file.", param="name")
         try:
@@ -90,16 +92,6 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
             raise KeyMissing(f"No issued key is named {name!r}.", param="name") from None
         await _apply_key_change(ledger, keys)
         return {"name": key.name, "revoked_at": _iso(key.revoked_us)}
-
-
-async def _small_body(request: Request) -> bytes:
-    """An admin request's body: a few bytes of JSON; more than _BODY_LIMIT is refused as it arrives."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _BODY_LIMIT:
-            raise PayloadTooLarge(f"An admin request body may be at most {_BODY_LIMIT // 1024} KiB.")
-    return body
 
 
 async def reload_issued_keys(ledger: Ledger, keys: KeyStore) -> None:

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from gateway.admin import ADMIN_PREFIX, add_admin_routes, reload_issued_keys
 from gateway.asgi import (
     REQUEST_ID_HEADER,
+    ClientGone,
     Message,
     Receive,
     Scope,
@@ -314,8 +315,9 @@ def _add_error_handlers(api: FastAPI) -> None:
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         return render(InvalidRequest(f"{param}: {first.get('msg', 'invalid')}", param=param))
 
+    @api.exception_handler(ClientGone)
     @api.exception_handler(ClientDisconnect)
-    async def caller_left(request: Request, error: ClientDisconnect) -> Response:
+    async def caller_left(request: Request, error: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it; not an error of the gateway's
 
     @api.exception_handler(Exception)

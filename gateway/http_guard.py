@@ -44,7 +44,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes of the head being read
         self._framing_bytes = 0  # bytes after the head that are not body (chunk sizes, trailers)
         self._body_bytes = 0  # of the request being read
-        self._read_body_bytes = 0  # of the bytes being parsed
         self._completed_in_read = False  # a request ended inside the bytes being parsed
         self._refused = False  # answered with an error: what else arrives is read and dropped
         self._timer: asyncio.TimerHandle | None = None
@@ -62,21 +61,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_head and self._timer is None and not self._busy():
             self._arm(self._head_too_slow)  # the first byte of a request on a kept-alive connection
-        in_body = not self._in_head
-        self._completed_in_read, self._read_body_bytes = False, 0
+        in_body, body_before = not self._in_head, self._body_bytes
+        self._completed_in_read = False
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
         if not self._in_head:  # inside a body: its clock restarts at each read
             if in_body and not self._completed_in_read:  # all of this read belongs to the request
-                self._framing_bytes += len(data) - self._read_body_bytes
+                self._framing_bytes += len(data) - (self._body_bytes - body_before)
             if self._framing_bytes > MAX_HEAD_BYTES + self._body_bytes:  # e.g. a 100 MB trailer
-                self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    "request_header_fields_too_large",
-                    "The request's chunk framing and trailers are far larger than its body.",
-                )
+                self._too_large("The request's chunk framing and trailers are far larger than its body.")
                 return
             self._arm(self._body_stalled)
             return
@@ -84,12 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # whose bytes are not this head's: then count from the next read; the bound moves by one read).
         self._head_bytes += 0 if self._completed_in_read else len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                "request_header_fields_too_large",
-                f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.",
-            )
+            self._too_large(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.")
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -98,7 +87,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        self._read_body_bytes += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -156,6 +144,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self._body_stalled)
             return
         self.transport.close()
+
+    def _too_large(self, message: str) -> None:
+        self._refuse(431, "Request Header Fields Too Large", "request_header_fields_too_large", message)
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
         """Answer with an error and end the connection. While the app handles a request here, the
