@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,7 +36,7 @@ from gateway.asgi import (
 )
 from gateway.auth import AdminKey, KeyStore, MetricsToken
 from gateway.chat import CHAT_PATHS, ChatCompletions
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, redact_url
 from gateway.dashboard import ASSETS_PREFIX, PAGE_PATHS, add_dashboard_routes
 from gateway.errors import (
     GatewayError,
@@ -189,13 +188,8 @@ def open_ledger(ledger: Ledger, url: str) -> None:
         ledger.migrate()
     except SQLAlchemyError as error:
         raise LedgerUnreachable(
-            f"ledger.url: cannot open the ledger at {_without_password(url)} ({type(error).__name__})"
+            f"ledger.url: cannot open the ledger at {redact_url(url)} ({type(error).__name__})"
         ) from None
-
-
-def _without_password(url: str) -> str:
-    """The URL with its password starred; up to the last "@", since a password may hold one."""
-    return re.sub(r"://([^:/@]*):.*@", r"://\1:***@", url)
 
 
 async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float = 0.4) -> None:

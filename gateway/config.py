@@ -54,6 +54,9 @@ class UpstreamConfig(_Section):
     require_token: Flag = False
     connect_timeout_s: PositiveSeconds = 5
     read_timeout_s: PositiveSeconds = 600
+    # A deadline for the whole upstream answer (an upstream that drips a byte at a time never trips
+    # read_timeout_s); None: no deadline, a stream may run for as long as it sends.
+    total_timeout_s: PositiveSeconds | None = None
     max_connections: Annotated[Whole, Field(ge=1)] = 1000
 
     @field_validator("base_url")
@@ -74,6 +77,12 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[Whole, Field(ge=0, le=65535)] = 8000
     max_body_bytes: Annotated[Whole, Field(ge=1)] = 20_971_520
+    # Request bodies held in memory at once, over all requests of a worker: beyond it a request waits
+    # for room (503 overloaded after client_timeout_s).
+    max_inflight_body_bytes: Annotated[Whole, Field(ge=1)] = 268_435_456
+    # Caller connections open at once per worker; beyond it the oldest idle one is closed. None:
+    # derived from the open-files limit (each stream holds two descriptors: caller and upstream).
+    max_connections: Annotated[Whole, Field(ge=1)] | None = None
     shutdown_grace_s: Annotated[Number, Field(ge=0)] = 30
     client_timeout_s: PositiveSeconds = 60  # for a request's head, and between two reads of its body
     workers: Annotated[Whole, Field(ge=1)] = 1
@@ -100,10 +109,14 @@ LEDGER_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
 
 class LedgerConfig(_Section):
-    url: str = "sqlite:///./gateway.db"
+    url: str = "sqlite:///./gateway.db"  # a relative SQLite path is taken from the config file's folder
     url_env: str | None = (
         None  # env var holding the URL instead (a PostgreSQL password stays out of the file)
     )
+    # Rows the database cannot take now (it is down) are appended here, fsync'd, and replayed when
+    # it is back; rows it refuses for good go to dead-letter.jsonl here. Relative: to the config's folder.
+    spill_dir: str = "./ledger-spill"
+    max_queued_rows: Annotated[Whole, Field(ge=1)] = 100_000  # rows held in memory, waiting for a write
 
     @field_validator("url")
     @classmethod
@@ -220,10 +233,12 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str] 
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-    return parse_config(text, env)
+    return parse_config(text, env, base_dir=Path(path).absolute().parent)
 
 
-def parse_config(text: str, environ: Mapping[str, str]) -> Config:
+def parse_config(text: str, environ: Mapping[str, str], base_dir: Path | None = None) -> Config:
+    """The config in `text`; relative paths in it (a SQLite ledger, the spill folder) are taken from
+    `base_dir`, the config file's folder, so that every command finds the same files wherever it runs."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -242,33 +257,63 @@ def parse_config(text: str, environ: Mapping[str, str]) -> Config:
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
     return config.model_copy(
-        update={"secrets": _resolve_secrets(config, environ), "ledger": _ledger(config, environ)}
+        update={"secrets": _resolve_secrets(config, environ), "ledger": _ledger(config, environ, base_dir)}
     )
 
 
-def _ledger(config: Config, environ: Mapping[str, str]) -> LedgerConfig:
-    if config.ledger.url_env is None:
-        return config.ledger
-    url = environ.get(config.ledger.url_env)
-    if not url:
-        raise ConfigError(f"ledger.url_env: environment variable {config.ledger.url_env} is not set")
-    try:
-        return config.ledger.model_copy(update={"url": _ledger_url(url)})
-    except ValueError as error:
-        raise ConfigError(f"ledger.url_env: the URL in {config.ledger.url_env} {error}") from None
+def _ledger(config: Config, environ: Mapping[str, str], base_dir: Path | None) -> LedgerConfig:
+    url = config.ledger.url
+    if config.ledger.url_env is not None:
+        from_env = env_secret(environ, config.ledger.url_env)  # it may hold a password
+        if not from_env:
+            raise ConfigError(f"ledger.url_env: environment variable {config.ledger.url_env} is not set")
+        try:
+            url = _ledger_url(from_env)
+        except ValueError as error:
+            raise ConfigError(f"ledger.url_env: the URL in {config.ledger.url_env} {error}") from None
+    if base_dir is None:
+        return config.ledger.model_copy(update={"url": url})
+    return config.ledger.model_copy(
+        update={
+            "url": _sqlite_url_from(url, base_dir),
+            "spill_dir": str(base_dir / Path(config.ledger.spill_dir).expanduser()),
+        }
+    )
+
+
+def _sqlite_url_from(url: str, base_dir: Path) -> str:
+    """A SQLite URL with a relative path (`sqlite:///./x.db`, `sqlite:///x.db`) made absolute against
+    `base_dir`; any other URL as it is."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    if path is None or path.startswith("/") or path.startswith(":memory:") or path == "":
+        return url
+    return "sqlite:///" + str((base_dir / path).resolve())
+
+
+def redact_url(url: str) -> str:
+    """A database URL safe to print: the password starred in every form it can take
+    (`user:pw@host`, up to the last "@" since a password may hold one; `?password=`, `&password=`)."""
+    url = re.sub(r"://([^:/@]*):.*@", r"://\1:***@", url)
+    return re.sub(r"([?&;]password=)[^&;#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def env_secret(environ: Mapping[str, str], name: str) -> str | None:
+    """A secret from the environment, the same way for every secret: surrounding whitespace (the
+    newline of `$(cat secret-file)` or of a mounted secret) is not part of it; empty means unset."""
+    return (environ.get(name) or "").strip() or None
 
 
 def _resolve_secrets(config: Config, environ: Mapping[str, str]) -> Secrets:
-    token = (environ.get(config.upstream.token_env) or "").strip() or None  # a secret file's newline must go
+    token = env_secret(environ, config.upstream.token_env)
     if token is None and config.upstream.require_token:
         raise ConfigError(
             f"upstream.token_env: environment variable {config.upstream.token_env} is not set "
             "and upstream.require_token is true"
         )
-    admin_key = environ.get(config.admin.key_env) or None
+    admin_key = env_secret(environ, config.admin.key_env)
     metrics_token = None
     if config.metrics.token_env is not None:
-        metrics_token = environ.get(config.metrics.token_env) or None
+        metrics_token = env_secret(environ, config.metrics.token_env)
         if metrics_token is None:
             raise ConfigError(
                 f"metrics.token_env: environment variable {config.metrics.token_env} is not set"
@@ -291,7 +336,7 @@ def _static_key_digest(static: StaticKey, index: int, environ: Mapping[str, str]
     if static.key_sha256 is not None:
         return bytes.fromhex(static.key_sha256)
     if static.key_env is not None:
-        value = environ.get(static.key_env)
+        value = env_secret(environ, static.key_env)
         if not value:
             raise ConfigError(f"auth.keys[{index}].key_env: environment variable {static.key_env} is not set")
         return hashlib.sha256(value.encode()).digest()

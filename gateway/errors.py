@@ -9,7 +9,10 @@
     ├── MethodNotAllowed     405
     ├── Conflict             409  a key name in use, once revoked, or from the config file
     ├── PayloadTooLarge      413
+    ├── RateLimited          429  too many failed authentications from one address
     ├── UpstreamUnavailable  502  upstream unreachable, or it answered garbage
+    ├── Overloaded           503  no room now (request bodies in memory, file descriptors)
+    ├── ShuttingDown         503  the server's shutdown grace ran out
     └── UpstreamTimeout      504  no byte from upstream for read_timeout_s
 
 Messages never carry a secret: they are written here or in the validator, never copied from an
@@ -99,6 +102,12 @@ class PayloadTooLarge(GatewayError):
     default_code = "request_too_large"
 
 
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
 class UpstreamUnavailable(GatewayError):
     status = 502
     error_type = "upstream_error"
@@ -117,3 +126,11 @@ class ShuttingDown(GatewayError):
     status = 503
     error_type = "server_error"
     default_code = "shutting_down"
+
+
+class Overloaded(GatewayError):
+    """The gateway has no room for this request now (memory for its body, a file descriptor)."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "overloaded"

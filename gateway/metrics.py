@@ -33,6 +33,7 @@ UPSTREAM_ERROR_KINDS = (
     "http_4xx",
     "http_5xx",
 )
+AUTH_ROUTE_KINDS = ("chat", "api", "admin", "metrics")
 TTFB_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -97,6 +98,46 @@ class Metrics:
             "Ledger writes that failed (their rows are retried).",
             registry=registry,
         )
+        self.ledger_dead_lettered = Counter(
+            "gateway_ledger_rows_dead_lettered",
+            "Rows the database refused for good, set aside in the dead-letter file (never retried).",
+            registry=registry,
+        )
+        self.ledger_spilled = Counter(
+            "gateway_ledger_rows_spilled",
+            "Rows written to the local spill file while the database was unavailable.",
+            registry=registry,
+        )
+        self.ledger_replayed = Counter(
+            "gateway_ledger_rows_replayed",
+            "Spilled rows written to the database once it was back.",
+            registry=registry,
+        )
+        self.ledger_lost = Counter(
+            "gateway_ledger_rows_lost",
+            "Rows neither written nor spilled (database and spill file both failing, queue full).",
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Requests refused for a missing, unknown or revoked key, by route kind.",
+            ("route",),
+            registry=registry,
+        )
+        for route in AUTH_ROUTE_KINDS:
+            self.auth_failures.labels(route)
+        self.connections_closed = Counter(
+            "gateway_connections_closed",
+            "Caller connections the gateway closed to stay within its limits, by reason.",
+            ("reason",),
+            registry=registry,
+        )
+        self.overloaded = Counter(
+            "gateway_overloaded",
+            "Requests answered 503 overloaded, by the resource that ran out.",
+            ("resource",),
+            registry=registry,
+        )
 
     # --- the writer's observer (see ledger.writer.WriterObserver) ---------------------------------
 
@@ -128,6 +169,18 @@ class Metrics:
 
     def write_failed(self) -> None:
         self.ledger_write_errors.inc()
+
+    def rows_dead_lettered(self, count: int) -> None:
+        self.ledger_dead_lettered.inc(count)
+
+    def rows_spilled(self, count: int) -> None:
+        self.ledger_spilled.inc(count)
+
+    def rows_replayed(self, count: int) -> None:
+        self.ledger_replayed.inc(count)
+
+    def rows_lost(self, count: int) -> None:
+        self.ledger_lost.inc(count)
 
     def queue_depth(self, depth: int) -> None:
         self.ledger_queue.set(depth)
