@@ -2,12 +2,18 @@
 
 Costs are `Decimal` USD, computed from integer token counts and decimal prices: never a float
 until the moment a number is written into a JSON answer for the caller.
+
+Upstream's usage is checked before it is believed: token counts must be JSON integers from 0 to
+MAX_TOKENS, a cost a finite number from 0 to MAX_COST_USD. What fails is not booked; the gateway
+estimates the tokens (or prices upstream's tokens from the table) and the row says so. Every text a
+row takes from a caller or an upstream is clipped to its column and made storable (`storable`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -19,6 +25,18 @@ from gateway.ledger.store import NANOS_PER_USD, LedgerRow, usd
 
 MILLION = Decimal(1_000_000)
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for Llama-family tokenizers on English text
+# Ceilings on what one request can be believed to have used: far above any real answer (the largest
+# context windows are ~10^7 tokens), far below what overflows a 64-bit column or a budget.
+MAX_TOKENS = 10**9
+MAX_COST_USD = 10
+UNKNOWN_MODEL = "unknown"  # what a row books for a model the gateway does not serve
+# The lengths of the ledger's text columns (gateway/ledger/schema.py), in characters.
+REQUEST_ID_CHARS = 200
+KEY_NAME_CHARS = 200
+USER_CHARS = 500
+MODEL_CHARS = 500
+SERVICE_TIER_CHARS = 64
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL (PostgreSQL refuses it) and lone surrogates
 
 
 def cost_usd(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> Decimal:
@@ -54,9 +72,10 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def completion_text(payload: dict[str, Any]) -> str:
-    """The generated text of a non-streamed chat.completion."""
+    """The generated text of a non-streamed chat.completion (whatever upstream put in `choices`)."""
+    choices = payload.get("choices")
     texts = []
-    for choice in payload.get("choices") or ():
+    for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
@@ -70,16 +89,42 @@ def nanos(usd_amount: Decimal) -> int:
 
 
 def upstream_cost_nanos(estimated_cost: Any) -> int | None:
-    """Upstream's `estimated_cost` (a JSON number, read as float) in nano-dollars, exactly as written.
+    """Upstream's `estimated_cost` (a JSON number, read as float) in nano-dollars, exactly as written;
+    None if it is not to be believed (not a number, not finite, negative, over MAX_COST_USD).
 
     `repr` of a float is the shortest text that reads back as it, which is the upstream's own
     literal for any number it wrote with up to 15 significant digits (0.0000268 -> "2.68e-05").
     """
+    return nanos(Decimal(repr(estimated_cost))) if believed_cost(estimated_cost) else None
+
+
+def believed_cost(estimated_cost: Any) -> bool:
+    """A JSON number, finite, from 0 to MAX_COST_USD: what a cost for one request can be."""
     if isinstance(estimated_cost, bool) or not isinstance(estimated_cost, int | float):
-        return None
+        return False
     if isinstance(estimated_cost, float) and not math.isfinite(estimated_cost):
+        return False
+    return 0 <= estimated_cost <= MAX_COST_USD
+
+
+def believed_tokens(usage: Any) -> tuple[int, int] | None:
+    """Upstream's prompt and completion tokens, if `usage` holds counts that can be believed."""
+    if not isinstance(usage, dict):
         return None
-    return nanos(Decimal(repr(estimated_cost)))
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if _is_count(prompt) and _is_count(completion):
+        return prompt, completion
+    return None
+
+
+def storable(text: str, max_chars: int) -> str:
+    """`text` as a column takes it: at most `max_chars` characters, with NUL and lone surrogates
+    replaced by U+FFFD. The last line of defence: the edge refuses or replaces such texts first."""
+    if len(text) > max_chars:
+        text = text[:max_chars]
+    if text.isascii():  # the usual case: one scan in C, and no copy
+        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 @dataclass(slots=True)
@@ -94,25 +139,26 @@ class Booking:
     model: ModelConfig | None = None
 
     def row(self, result: Outcome) -> LedgerRow:
-        prompt, completion, total, usage_source = self._tokens(result)
+        prompt, completion, usage_source = self._tokens(result)
         cost, cost_source = self._cost(result, usage_source, prompt, completion)
         body = self.body or {}
-        user, model = body.get("user"), body.get("model")
+        user = body.get("user")
+        tier = result.service_tier
         finished = result.finished_at or time.monotonic()  # not counting a drain after the answer
         return LedgerRow(
             row_id=new_id(self.wall_us),
-            request_id=self.request_id,
+            request_id=storable(self.request_id, REQUEST_ID_CHARS),
             ts_us=self.wall_us,
             day=utc_day(self.wall_us),
-            key_name=self.key_name,
-            user=user if isinstance(user, str) else None,
-            model=model if isinstance(model, str) else None,
+            key_name=storable(self.key_name, KEY_NAME_CHARS),
+            user=storable(user, USER_CHARS) if isinstance(user, str) else None,
+            model=self._model_name(body.get("model"), result.status),
             stream=body.get("stream") is True,
             outcome=result.outcome,
             status=result.status,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            total_tokens=total,
+            total_tokens=prompt + completion,  # upstream's own total is not booked: rows add up
             cost_nanos=cost,
             usage_source=usage_source,
             cost_source=cost_source,
@@ -120,22 +166,27 @@ class Booking:
             ttfb_us=None
             if result.first_byte_at is None
             else int((result.first_byte_at - self.started) * 1_000_000),
-            service_tier=result.service_tier if isinstance(result.service_tier, str) else None,
+            service_tier=storable(tier, SERVICE_TIER_CHARS) if isinstance(tier, str) else None,
         )
 
-    def _tokens(self, result: Outcome) -> tuple[int, int, int, str]:
-        usage = result.usage
-        if usage is not None:
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if _is_count(prompt) and _is_count(completion):
-                total = usage.get("total_tokens")
-                total = total if _is_count(total) else prompt + completion
-                return prompt, completion, total, "estimated" if result.usage_estimated else "upstream"
+    def _model_name(self, named: Any, status: int) -> str | None:
+        """The served model; for a request refused before it was checked, the name it gave, unless
+        that was the refusal (404 model_not_found: the model is checked first, nothing else is 404)."""
+        if self.model is not None:
+            return self.model.name
+        if not isinstance(named, str):
+            return None
+        return UNKNOWN_MODEL if status == 404 else storable(named, MODEL_CHARS)
+
+    def _tokens(self, result: Outcome) -> tuple[int, int, str]:
+        tokens = believed_tokens(result.usage)
+        if tokens is not None:
+            return *tokens, "estimated" if result.usage_estimated else "upstream"
         if result.upstream_answered and self.body is not None:
-            # Upstream never said (a stream cut or left): what the caller was sent, one token a chunk.
-            prompt = estimate_prompt_tokens(self.body)
-            return prompt, result.content_chunks, prompt + result.content_chunks, "estimated"
-        return 0, 0, 0, "none"
+            # Upstream never said, or not believably (a stream cut or left, absurd counts): what the
+            # caller was sent, one token a chunk.
+            return estimate_prompt_tokens(self.body), result.content_chunks, "estimated"
+        return 0, 0, "none"
 
     def _cost(self, result: Outcome, usage_source: str, prompt: int, completion: int) -> tuple[int, str]:
         if usage_source == "none" or self.model is None:
@@ -158,7 +209,7 @@ def utc_day(wall_us: int) -> str:
 
 
 def _is_count(value: Any) -> TypeGuard[int]:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= MAX_TOKENS  # not a bool, not 5.0, not "5"
 
 
 class Outcome(Protocol):

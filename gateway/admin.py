@@ -84,6 +84,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
 
     @api.delete(f"{ADMIN_PREFIX}/keys/{{name:path}}")  # a name may hold a "/" (sent as %2F)
     async def revoke_key(name: str) -> dict[str, Any]:
+        name = _key_name(name)  # a NUL in the URL would reach the database otherwise
         if name in keys.static_names:
             raise Conflict(f"The key {name!r} is defined in the config file; remove it there.", param="name")
         try:

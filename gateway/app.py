@@ -25,6 +25,8 @@ from starlette.requests import ClientDisconnect
 from gateway.admin import ADMIN_PREFIX, add_admin_routes, reload_issued_keys
 from gateway.asgi import (
     REQUEST_ID_HEADER,
+    RETRY_AFTER_S,
+    BodyBudget,
     ClientGone,
     Message,
     Receive,
@@ -34,7 +36,7 @@ from gateway.asgi import (
     request_id_for,
     send_error,
 )
-from gateway.auth import AdminKey, KeyStore, MetricsToken
+from gateway.auth import AddressLimiter, AdminKey, FailedAuthentications, KeyStore, MetricsToken
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config, load_config, redact_url
 from gateway.dashboard import ASSETS_PREFIX, PAGE_PATHS, add_dashboard_routes
@@ -46,6 +48,7 @@ from gateway.errors import (
     NotFound,
     Unauthorized,
 )
+from gateway.http_guard import CONNECTIONS_CLOSED_STATE
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -67,12 +70,20 @@ class GatewayApp:
     handler checks keys itself, as the first step of its pipeline.)
     """
 
-    def __init__(self, chat: ChatCompletions, api: FastAPI, keys: KeyStore, admin_key: AdminKey) -> None:
+    def __init__(
+        self,
+        chat: ChatCompletions,
+        api: FastAPI,
+        keys: KeyStore,
+        admin_key: AdminKey,
+        failures: FailedAuthentications,
+    ) -> None:
         self.chat = chat
         self.api = api
         self._api_with_request_id = RequestIdMiddleware(api)
         self._keys = keys
         self._admin_key = admin_key
+        self._failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
@@ -85,12 +96,17 @@ class GatewayApp:
     async def _authenticated(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Admin paths need the admin key; every other path a gateway key."""
         headers = read_headers(scope)
+        admin = scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/")
         try:
-            if scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/"):
-                self._admin_key.check(headers.authorization)
+            if admin:
+                self._admin_key.check(headers.the_authorization())
             else:
-                self._keys.authenticate(headers.authorization)
+                self._keys.authenticate(headers.the_authorization())
         except Unauthorized as error:
+            refusal = self._failures.refuse(error, scope.get("client"), "admin" if admin else "api")
+            await send_error(send, refusal, request_id_for(headers.request_id))
+            return
+        except InvalidRequest as error:  # two Authorization headers
             await send_error(send, error, request_id_for(headers.request_id))
             return
         await self._api_with_request_id(scope, receive, send)
@@ -129,13 +145,31 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
         user_labels=config.metrics.user_labels,
         multiprocess_mode=multiprocess_metrics,
     )
-    upstream = Upstream(config.upstream, token.get_secret_value() if token else SIMULATOR_TOKEN, metrics)
-    chat = ChatCompletions(config, keys, upstream)
+    upstream = Upstream(
+        config.upstream,
+        token.get_secret_value() if token else SIMULATOR_TOKEN,
+        metrics,
+        max_answer_bytes=config.server.max_body_bytes,
+    )
+    failures = FailedAuthentications(
+        lambda route: metrics.auth_failures.labels(route).inc(), AddressLimiter()
+    )
+    bodies = BodyBudget(
+        config.server.max_inflight_body_bytes,
+        config.server.client_timeout_s,
+        metrics.overloaded.labels("body_memory").inc,
+    )
+    chat = ChatCompletions(config, keys, upstream, failures, bodies)
     ledger = Ledger(config.ledger.url)
-    writer = LedgerWriter(ledger, observer=metrics)
+    writer = LedgerWriter(
+        ledger,
+        spill_dir=config.ledger.spill_dir,
+        observer=metrics,
+        max_queued_rows=config.ledger.max_queued_rows,
+    )
 
     @asynccontextmanager
-    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(api: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await asyncio.to_thread(open_ledger, ledger, config.ledger.url)
         await reload_issued_keys(ledger, keys)
         writer.start()
@@ -147,7 +181,8 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
             _announce_simulator(config, simulator)
         await upstream.start(simulator.base_url if simulator else None)
         try:
-            yield
+            # uvicorn hands this state to every connection's protocol: http_guard counts what it closes.
+            yield {CONNECTIONS_CLOSED_STATE: metrics.connections_closed}
         finally:
             # Requests the server cancelled at the end of its grace period finish booking first.
             await chat.drained(timeout_s=5)
@@ -162,10 +197,10 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
     _add_error_handlers(api)
     _add_health_routes(api, config, upstream, writer)
     _add_model_routes(api, config)
-    _add_metrics_route(api, metrics, MetricsToken(_secret(config.secrets.metrics_token)))
+    _add_metrics_route(api, metrics, MetricsToken(_secret(config.secrets.metrics_token), failures))
     add_admin_routes(api, ledger, keys)
     add_dashboard_routes(api)
-    return GatewayApp(chat, api, keys, AdminKey(_secret(config.secrets.admin_key)))
+    return GatewayApp(chat, api, keys, AdminKey(_secret(config.secrets.admin_key)), failures)
 
 
 def app_from_environment() -> GatewayApp:
@@ -231,12 +266,15 @@ def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream, writer:
 
     @api.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = upstream.started and writer.alive and not writer.failing
+        ledger = writer.state  # ok, failing, file_replaced (rows spill meanwhile) or stopped
+        ready = upstream.started and ledger == "ok"
         body = {
             "status": "ready" if ready else "not_ready",
             "upstream": "simulator" if config.uses_simulator else "configured",
-            "ledger": "ok" if writer.alive and not writer.failing else "failing",
-            "ledger_queue": writer.depth,
+            "ledger": ledger,
+            "ledger_queue": writer.depth,  # rows in memory, not yet written or spilled
+            "ledger_spilled": writer.spilled_rows,  # rows in this worker's spill file, to replay
+            "ledger_spill": "failing" if writer.spill_failing else "ok",
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -245,7 +283,7 @@ def _add_metrics_route(api: FastAPI, metrics: Metrics, token: MetricsToken) -> N
     @api.get("/metrics")
     async def prometheus(request: Request) -> Response:
         authorization = request.headers.get("authorization")
-        token.check(authorization.encode("latin-1") if authorization is not None else None)
+        token.check(authorization.encode("latin-1") if authorization is not None else None, request.client)
         body = await asyncio.to_thread(metrics.exposition)  # with workers, it reads their files
         return Response(body, media_type=CONTENT_TYPE)
 
@@ -276,6 +314,8 @@ def _add_error_handlers(api: FastAPI) -> None:
 
     def render(error: GatewayError) -> JSONResponse:
         headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+        if error.status == 429:  # the gateway's own: too many failed authentications (/metrics)
+            headers = {"retry-after": RETRY_AFTER_S.decode()}
         return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
     @api.exception_handler(GatewayError)

@@ -1,13 +1,16 @@
-"""Plain-ASGI plumbing for the hot path: request headers, the body under a size limit, responses."""
+"""Plain-ASGI plumbing for the hot path: request headers, the body under a size limit and a memory
+budget shared by the requests of a worker, responses."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, Overloaded, PayloadTooLarge
 from gateway.ids import new_id
 
 Scope = MutableMapping[str, Any]
@@ -16,8 +19,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 REQUEST_ID_HEADER = b"x-request-id"
+# The gateway's own 429 (an address with too many failed authentications): one more attempt is
+# allowed within this many seconds (see auth.FailedAuthentications).
+RETRY_AFTER_S = b"1"
 _JSON = (b"content-type", b"application/json")
-_VALID_REQUEST_ID = re.compile(rb"[\t\x20-\x7e]{1,1024}")  # a header value's characters, bounded
+# Printable ASCII, and no longer than the ledger's column: an id is booked, sent upstream and echoed.
+_VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,200}")
 
 
 class ClientGone(Exception):
@@ -29,6 +36,15 @@ class RequestHeaders:
     authorization: bytes | None = None
     content_length: int | None = None
     request_id: bytes | None = None
+    authorization_twice: bool = False
+
+    def the_authorization(self) -> bytes | None:
+        """The one Authorization header; two are refused (which one counts would be a guess)."""
+        if self.authorization_twice:
+            raise InvalidRequest(
+                "The request has two Authorization headers; send one.", param=None, code="duplicate_header"
+            )
+        return self.authorization
 
 
 def read_headers(scope: Scope) -> RequestHeaders:
@@ -36,6 +52,7 @@ def read_headers(scope: Scope) -> RequestHeaders:
     found = RequestHeaders()
     for name, value in scope["headers"]:
         if name == b"authorization":
+            found.authorization_twice = found.authorization is not None
             found.authorization = value
         elif name == b"content-length":
             found.content_length = int(value) if value.isdigit() else None
@@ -51,10 +68,98 @@ def request_id_for(caller_id: bytes | None) -> bytes:
     return new_id().encode()
 
 
-async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
-    """The whole request body, or PayloadTooLarge as soon as it is known to exceed `limit`."""
+class BodyBudget:
+    """The bytes of request bodies one worker holds at once (`server.max_inflight_body_bytes`).
+
+    A request reserves its body's size before reading it. With room, that is an int subtraction;
+    without, the request waits in line (first come, first served: a big body is not passed over by
+    small ones for ever), woken when a request ends and gives its bytes back; after `wait_s` in
+    line it gets 503 overloaded.
+    """
+
+    def __init__(self, limit_bytes: int, wait_s: float, on_overload: Callable[[], None]) -> None:
+        self.limit_bytes = limit_bytes
+        self.free_bytes = limit_bytes
+        self._wait_s = wait_s
+        self._on_overload = on_overload
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def try_take(self, size: int) -> bool:
+        if size <= self.free_bytes and not self._waiting:
+            self.free_bytes -= size
+            return True
+        return False
+
+    async def take(self, size: int) -> None:
+        """Wait in line for `size` bytes; Overloaded if they are not free within `wait_s`."""
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((size, room))
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await room
+        except BaseException as error:
+            if room.done() and not room.cancelled():
+                self.give_back(size)  # granted just as the wait ended: not used
+            else:
+                room.cancel()
+                self._serve_waiting()  # it may have been first in line
+            if isinstance(error, TimeoutError):
+                self._on_overload()
+                raise Overloaded(
+                    f"The gateway holds as many request bodies as it may and none ended within "
+                    f"{self._wait_s:g} s; try again shortly."
+                ) from None
+            raise
+
+    def give_back(self, size: int) -> None:
+        self.free_bytes += size
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
+        while self._waiting:
+            size, room = self._waiting[0]
+            if not room.cancelled():
+                if size > self.free_bytes:
+                    return
+                self.free_bytes -= size
+                room.set_result(None)
+            self._waiting.popleft()
+
+
+class BodyHold:
+    """One request's share of the budget: what it has reserved, given back when the request ends."""
+
+    __slots__ = ("_budget", "held")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    async def grow_to(self, size: int) -> None:
+        # A body over the whole budget (max_body_bytes set above it) may take the whole budget.
+        extra = min(size, self._budget.limit_bytes) - self.held
+        if extra <= 0:
+            return
+        if not self._budget.try_take(extra):
+            await self._budget.take(extra)
+        self.held += extra
+
+    def release(self) -> None:
+        self._budget.give_back(self.held)
+        self.held = 0
+
+
+async def read_body(
+    receive: Receive, content_length: int | None, limit: int, hold: BodyHold | None = None
+) -> bytes:
+    """The whole request body, or PayloadTooLarge as soon as it is known to exceed `limit`.
+
+    With a `hold`, the body's bytes are reserved before they are read: all of them at once when the
+    Content-Length says how many, else as they arrive."""
     if content_length is not None and content_length > limit:
         raise _too_large(limit)
+    if hold is not None and content_length is not None:
+        await hold.grow_to(content_length)
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone
@@ -62,10 +167,14 @@ async def read_body(receive: Receive, content_length: int | None, limit: int) ->
     if not message.get("more_body", False):  # the usual case: one message, no copy
         if len(body) > limit:
             raise _too_large(limit)
+        if hold is not None and content_length is None:
+            await hold.grow_to(len(body))
         return body
     chunks = [body]
     size = len(body)
     while message.get("more_body", False):
+        if hold is not None and content_length is None:
+            await hold.grow_to(size)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -74,6 +183,8 @@ async def read_body(receive: Receive, content_length: int | None, limit: int) ->
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
+    if hold is not None and content_length is None:
+        await hold.grow_to(size)
     return b"".join(chunks)
 
 
@@ -101,4 +212,6 @@ async def send_error(send: Send, error: GatewayError, request_id: bytes) -> None
         extra = [(b"www-authenticate", b"Bearer")]
     elif error.status == 405:
         extra = [(b"allow", b"POST")]
+    elif error.status == 429:
+        extra = [(b"retry-after", RETRY_AFTER_S)]
     await send_json(send, error.status, error.to_json(), request_id, extra)

@@ -9,12 +9,19 @@ guarantee a constant-time comparison gives, at the cost of one dict lookup for a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-from collections.abc import Iterable
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from gateway.config import CallerKey
-from gateway.errors import Unauthorized
+from gateway.errors import GatewayError, RateLimited, Unauthorized
+
+logger = logging.getLogger("gateway.auth")
 
 _BEARER = b"bearer "
 
@@ -75,14 +82,101 @@ class AdminKey:
 class MetricsToken:
     """The token /metrics requires, from the environment; None leaves /metrics open."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, failures: FailedAuthentications) -> None:
         self._digest = hashlib.sha256(token.encode()).digest() if token else None
+        self._failures = failures
 
-    def check(self, authorization: bytes | None) -> None:
+    def check(self, authorization: bytes | None, client: Any) -> None:
         if self._digest is not None and not hmac.compare_digest(
             _presented_digest(authorization), self._digest
         ):
-            raise Unauthorized("Invalid metrics token: send it as 'Authorization: Bearer <token>'.")
+            error = Unauthorized("Invalid metrics token: send it as 'Authorization: Bearer <token>'.")
+            raise self._failures.refuse(error, client, "metrics")
+
+
+class FailedAuthentications:
+    """What happens on every failed authentication (a 401): it is counted by route kind (chat, api,
+    admin, metrics), logged (one line every `log_every_s` at most, with counts, never a key), and an
+    address failing too often gets 429 instead (see AddressLimiter). A valid key is checked before
+    any of this, so it is never slowed, whatever its address did."""
+
+    def __init__(
+        self, count: Callable[[str], None], limiter: AddressLimiter, log_every_s: float = 10.0
+    ) -> None:
+        self._count = count
+        self._limiter = limiter
+        self._log_every_s = log_every_s
+        self._by_route: Counter[str] = Counter()
+        self._addresses: set[str] = set()
+        self._last_line_at = -log_every_s
+        self._line_due: asyncio.TimerHandle | None = None
+
+    def refuse(self, error: Unauthorized, client: Any, route: str) -> GatewayError:
+        """The answer to a failed authentication from `client` (the ASGI scope's (host, port))."""
+        address = client[0] if client else "unknown"
+        self._count(route)
+        self._note(address, route)
+        if self._limiter.allow(address):
+            return error
+        return RateLimited("Too many failed authentications from this address; try again in a second.")
+
+    def _note(self, address: str, route: str) -> None:
+        self._by_route[route] += 1
+        if len(self._addresses) < _MAX_LOGGED_ADDRESSES:
+            self._addresses.add(address)
+        if self._line_due is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_line_at + self._log_every_s - loop.time())
+            self._line_due = loop.call_later(delay, self._log_line)
+
+    def _log_line(self) -> None:
+        routes = ", ".join(f"{route}: {count}" for route, count in sorted(self._by_route.items()))
+        addresses = len(self._addresses)
+        logger.warning(
+            "auth: %d failed authentications from %s address%s (%s)",
+            sum(self._by_route.values()),
+            f"{addresses}+" if addresses >= _MAX_LOGGED_ADDRESSES else addresses,
+            "" if addresses == 1 else "es",
+            routes,
+        )
+        self._by_route.clear()
+        self._addresses.clear()
+        self._last_line_at = asyncio.get_running_loop().time()
+        self._line_due = None
+
+
+_MAX_LOGGED_ADDRESSES = 10_000
+
+
+class AddressLimiter:
+    """A token bucket per client address for failed authentications: `burst` at once, then
+    `per_second`. The table keeps the `max_addresses` that failed most recently (an address
+    dropped from it starts again with a full bucket)."""
+
+    def __init__(
+        self,
+        burst: int = 100,
+        per_second: float = 10.0,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert per_second >= 1, "asgi.RETRY_AFTER_S promises another attempt within a second"
+        self._burst = float(burst)
+        self._per_second = per_second
+        self._max_addresses = max_addresses
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, when), oldest first
+
+    def allow(self, address: str) -> bool:
+        """Take one failed attempt from the address's bucket; False if it is empty."""
+        now = self._clock()
+        tokens, then = self._buckets.pop(address, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._per_second)
+        allowed = tokens >= 1
+        self._buckets[address] = (tokens - 1 if allowed else tokens, now)  # now the most recent
+        if len(self._buckets) > self._max_addresses:
+            del self._buckets[next(iter(self._buckets))]  # the one quiet the longest
+        return allowed
 
 
 def _presented_digest(authorization: bytes | None) -> bytes:

@@ -13,17 +13,38 @@ import logging
 from typing import Protocol
 
 from gateway.accounting import Booking
-from gateway.asgi import ClientGone, Receive, Scope, Send, read_body, read_headers, request_id_for, send_error
-from gateway.auth import KeyStore
+from gateway.asgi import (
+    BodyBudget,
+    BodyHold,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    read_headers,
+    request_id_for,
+    send_error,
+)
+from gateway.auth import FailedAuthentications, KeyStore
 from gateway.config import Config, ModelConfig
-from gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    Overloaded,
+    ShuttingDown,
+    Unauthorized,
+)
 from gateway.ledger.store import LedgerRow
 from gateway.relay import RelayResult, Upstream, relay_completion, relay_stream
-from gateway.validate import check_chat_request, parse_json_object
+from gateway.validate import ChatRequest, check_chat_request, parse_json_object
 
 logger = logging.getLogger("gateway.chat")
 
 CHAT_PATHS = frozenset({"/v1/openai/chat/completions", "/v1/chat/completions"})
+# Bodies above this are parsed and checked on a thread: the event loop serves other requests
+# meanwhile (a 20 MiB body of tiny keys takes a few hundred ms to parse and check).
+CHECK_ON_A_THREAD_BYTES = 1_048_576
 
 
 class Bookkeeper(Protocol):
@@ -33,9 +54,18 @@ class Bookkeeper(Protocol):
 
 
 class ChatCompletions:
-    def __init__(self, config: Config, keys: KeyStore, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyStore,
+        upstream: Upstream,
+        failures: FailedAuthentications,
+        bodies: BodyBudget,
+    ) -> None:
         self._keys = keys
         self._upstream = upstream
+        self._failures = failures
+        self._bodies = bodies
         self._models: dict[str, ModelConfig] = {model.name: model for model in config.models}
         self._max_body_bytes = config.server.max_body_bytes
         self.books: Bookkeeper | None = None  # set in the lifespan, once the ledger is open
@@ -47,19 +77,25 @@ class ChatCompletions:
         headers = read_headers(scope)
         request_id = request_id_for(headers.request_id)
         try:
-            key_name = self._keys.authenticate(headers.authorization)
+            key_name = self._keys.authenticate(headers.the_authorization())
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.")
-        except GatewayError as error:  # no valid key: nobody to book it to
+        except Unauthorized as error:  # no valid key: nobody to book it to
+            await send_error(send, self._failures.refuse(error, scope.get("client"), "chat"), request_id)
+            return
+        except GatewayError as error:
             await send_error(send, error, request_id)
             return
         booking = Booking(request_id.decode(), key_name)
         result = RelayResult(outcome="error", status=500)  # the relay fills it in as it learns
+        hold = BodyHold(self._bodies)
         self._enter()
         try:
-            await self._handle(booking, result, request_id, receive, send, headers.content_length)
+            await self._handle(booking, result, request_id, receive, send, headers.content_length, hold)
         except GatewayError as error:
             result.fail(error)
+            if isinstance(error, Overloaded):  # refused before anything was done: no upstream failure
+                result.outcome = "rejected"
             await send_error(send, error, request_id)
         except ClientGone:
             result.outcome, result.status = "client_disconnected", 499
@@ -81,6 +117,7 @@ class ChatCompletions:
             logger.exception("unexpected error in chat completions (request %s)", booking.request_id)
             await send_error(send, GatewayError("The gateway failed to handle this request."), request_id)
         finally:
+            hold.release()
             if self.books is not None:
                 self.books.book(booking.row(result))
             self._leave()
@@ -93,15 +130,28 @@ class ChatCompletions:
         receive: Receive,
         send: Send,
         content_length: int | None,
+        hold: BodyHold,
     ) -> None:
-        raw = await read_body(receive, content_length, self._max_body_bytes)
-        booking.body = parse_json_object(raw)
-        request = check_chat_request(booking.body, raw, self._models)
+        raw = await read_body(receive, content_length, self._max_body_bytes, hold)
+        if len(raw) > CHECK_ON_A_THREAD_BYTES:
+            request = await asyncio.to_thread(self._checked, booking, raw)
+        else:
+            request = self._checked(booking, raw)
         booking.model = request.model
         if request.stream:
             await relay_stream(self._upstream, request, request_id, receive, send, result)
         else:
             await relay_completion(self._upstream, request, request_id, receive, send, result)
+
+    def _checked(self, booking: Booking, raw: bytes) -> ChatRequest:
+        """Parse and check the body; the parsed body is kept for the books, refused or not."""
+        booking.body = body = parse_json_object(raw)
+        try:
+            return check_chat_request(body, raw, self._models)
+        except InvalidRequest as error:
+            if error.param == "user":  # a text the ledger may not hold: booked without it
+                booking.body = {**body, "user": None}
+            raise
 
     def _enter(self) -> None:
         self._in_flight += 1

@@ -11,19 +11,34 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import uvicorn
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.app import LedgerUnreachable, create_app, open_ledger
-from gateway.config import CONFIG_ENV, METRICS_DIR_ENV, Config, ConfigError, SimulatorConfig, load_config
+from gateway.config import (
+    CONFIG_ENV,
+    METRICS_DIR_ENV,
+    Config,
+    ConfigError,
+    SimulatorConfig,
+    load_config,
+    redact_url,
+)
 from gateway.errors import InvalidRequest
 from gateway.http_guard import guarded_protocol
+from gateway.ledger.schema import metadata
 from gateway.ledger.store import GROUPS, KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import FORMATS, as_csv, as_json, as_table, usage_query
 from gateway.simulator import start_simulator
-from gateway.workers import OneSocketPerWorker
+from gateway.workers import OneSocketPerWorker, worker_app_factory
+
+# Descriptors a worker needs besides its caller and upstream sockets: listening socket, ledger
+# connections, spill and metrics files, logs, the event loop's own.
+RESERVED_FILES = 64
 
 config_option = click.option(
     "--config",
@@ -56,13 +71,17 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         level=config.server.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
     raise_open_files_limit()
+    max_connections = config.server.max_connections or connections_for_open_files()
+    logging.getLogger("gateway").info(
+        "at most %d caller connections open at once per worker (server.max_connections)", max_connections
+    )
     workers = workers or config.server.workers
     settings: dict[str, Any] = {
         "host": host or config.server.host,
         "port": config.server.port if port is None else port,
         "loop": config.server.loop,
         # httptools with the gateway's limits on request heads and slow clients (gateway/http_guard.py)
-        "http": guarded_protocol(config.server.client_timeout_s)
+        "http": guarded_protocol(config.server.client_timeout_s, max_connections)
         if config.server.http == "httptools"
         else config.server.http,
         "lifespan": "on",
@@ -79,7 +98,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         os.environ[CONFIG_ENV] = os.path.abspath(config_path)
         with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
             os.environ[METRICS_DIR_ENV] = metrics_dir  # read by prometheus_client as a worker imports it
-            factory = "gateway.app:app_from_environment"
+            factory = worker_app_factory()  # each worker's app ends with this process, however it ends
             OneSocketPerWorker(uvicorn.Config(factory, factory=True, workers=workers, **settings)).run()
         return
     server = uvicorn.Server(uvicorn.Config(create_app(config), **settings))
@@ -103,6 +122,18 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as error:
             logging.getLogger("gateway").warning("could not raise the open-files limit: %s", error)
+
+
+def connections_for_open_files() -> int:
+    """The default of `server.max_connections`: half of the open-files limit left after
+    `RESERVED_FILES`, since a stream holds two descriptors, the caller's socket and upstream's."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 10_000
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = 1_048_576 if soft == resource.RLIM_INFINITY else soft
+    return max(1, (soft - RESERVED_FILES) // 2)
 
 
 @main.command()
@@ -181,7 +212,7 @@ def usage(config_path: str | None, group_by: str, since: str | None, until: str 
         raise click.BadParameter(
             error.message, param_hint=f"--{(error.param or '').replace('_', '-')}"
         ) from None
-    with _ledger(_load(config_path)) as ledger:
+    with _existing_ledger(_load(config_path)) as ledger:
         totals = ledger.usage(query.group_by, query.since_us, query.until_us)
     if output == "json":
         click.echo(as_json(query.group_by, totals).decode())
@@ -220,7 +251,7 @@ def keys_list(config_path: str | None) -> None:
     config = _load(config_path)
     for static in config.auth.keys:
         click.echo(f"{static.name}\tconfig")
-    with _ledger(config) as ledger:
+    with _existing_ledger(config) as ledger:
         issued = ledger.list_keys()
     for key in issued:
         state = "revoked" if key.revoked_us is not None else "active"
@@ -233,7 +264,7 @@ def keys_list(config_path: str | None) -> None:
 def keys_revoke(config_path: str | None, name: str) -> None:
     """Revoke the issued key NAME: every gateway rejects it within a second."""
     try:
-        with _ledger(_load(config_path)) as ledger:
+        with _existing_ledger(_load(config_path)) as ledger:
             ledger.revoke_key(name)
     except KeyNotFound:
         raise click.ClickException(f"no issued key is named {name!r}") from None
@@ -253,6 +284,30 @@ def _ledger(config: Config) -> Iterator[Ledger]:
         yield ledger
     finally:
         ledger.close()
+
+
+@contextmanager
+def _existing_ledger(config: Config) -> Iterator[Ledger]:
+    """The ledger as it is, for commands that only read it (or change a row of it): never created,
+    never migrated. One that is not there ends the command with a clear message (exit 4)."""
+    ledger = Ledger(config.ledger.url)
+    try:
+        if ledger.sqlite_path is not None and not ledger.sqlite_path.exists():
+            _no_ledger(f"no ledger file at {ledger.sqlite_path} (ledger.url)")
+        try:
+            tables = set(inspect(ledger.engine).get_table_names())
+        except SQLAlchemyError as error:
+            _no_ledger(f"cannot open the ledger at {redact_url(config.ledger.url)} ({type(error).__name__})")
+        if not tables >= set(metadata.tables):
+            _no_ledger(f"the ledger at {redact_url(config.ledger.url)} lacks the gateway's tables")
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def _no_ledger(problem: str) -> NoReturn:
+    click.echo(f"gateway: {problem}: `gateway serve` creates (or upgrades) it", err=True)
+    sys.exit(4)
 
 
 def _load(config_path: str | None) -> Config:

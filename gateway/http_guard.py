@@ -6,11 +6,18 @@ uvicorn puts no bound on a request's head (httptools grows a header value by con
 that sends its request slowly or stops halfway: with enough of them the gateway runs out of file
 descriptors. Here:
 
-- the request line and headers may take at most `MAX_HEAD_BYTES`: beyond that, 431;
+- the request line and headers may take at most `MAX_HEAD_BYTES`: beyond that, 431, whether the
+  head arrives in one read, in many, or behind another request on the same read;
 - a new connection, or a request begun on a kept-alive one, must finish its head within
   `client_timeout_s` (408; a connection that sent nothing is just closed);
 - while a request body is arriving, `client_timeout_s` may pass between two reads at most: then the
-  connection is closed, and the app sees the caller leave (the request is booked as such).
+  connection is closed, and the app sees the caller leave (the request is booked as such);
+- a request whose framing breaks while its body arrives (a bad chunk size line, a chunk longer than
+  its size) is answered 400 in OpenAI's shape, and the app sees the caller leave;
+- a server process keeps at most `max_connections` caller connections open (each can hold a file
+  descriptor for upstream too): a new one beyond that closes the oldest idle connection (one the
+  app has no request of: it sent nothing yet, part of a head, or is kept alive between requests),
+  or, when none is idle, is answered 503 `overloaded` and closed at once.
 
 A response being sent is never cut: a stream may run for minutes after the request has arrived.
 """
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -28,33 +37,107 @@ from gateway.asgi import REQUEST_ID_HEADER
 from gateway.ids import new_id
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; browsers and SDKs send a few hundred bytes
+# Lifespan state (uvicorn hands it to every connection) may hold, under this key, the prometheus
+# Counter (label `reason`) that counts the connections closed to stay within `max_connections`.
+CONNECTIONS_CLOSED_STATE = "gateway.connections_closed"
 _LINGER_S = 2.0
+_NO_ROOM = "The gateway has no room for another connection now; retry shortly."
+
+logger = logging.getLogger("gateway")
 
 
-def guarded_protocol(client_timeout_s: float) -> Any:
-    """The protocol factory for `uvicorn.Config(http=...)` (picklable, for worker processes)."""
-    return functools.partial(GuardedHttpToolsProtocol, client_timeout_s=client_timeout_s)
+def guarded_protocol(client_timeout_s: float, max_connections: int) -> Any:
+    """The protocol factory for `uvicorn.Config(http=...)`. Picklable: each worker process unpickles
+    its own copy, and so gets a `ConnectionLimit` of its own."""
+    return functools.partial(
+        GuardedHttpToolsProtocol, client_timeout_s=client_timeout_s, limit=ConnectionLimit(max_connections)
+    )
+
+
+class ConnectionLimit:
+    """The caller connections of one server process: how many are open, and which are idle, oldest
+    first (an ordered dict: O(1) to add, drop or take the oldest)."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.open = 0
+        self.idle: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+        self._warned = False
+
+    def __reduce__(self) -> tuple[type[ConnectionLimit], tuple[int]]:
+        return (ConnectionLimit, (self.max_connections,))  # a worker starts with no connections
+
+    def admit(self, connection: GuardedHttpToolsProtocol) -> bool:
+        """Count a new connection, closing the oldest idle one if there is no room; False: no room,
+        and none idle."""
+        if self.open >= self.max_connections:
+            if not self.idle:
+                return False
+            oldest, _ = self.idle.popitem(last=False)
+            oldest.evict()
+            self.open -= 1
+        self.open += 1
+        self.idle[connection] = None
+        return True
+
+    def release(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.open -= 1
+        self.idle.pop(connection, None)
+
+    def warn_once(self) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "server.max_connections (%d) reached: closing idle connections, refusing new ones "
+                "when none is idle (counted in gateway_connections_closed; logged once)",
+                self.max_connections,
+            )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that was answered with an error."""
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, client_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, client_timeout_s: float, limit: ConnectionLimit, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client_timeout_s = client_timeout_s
+        self._limit = limit
+        self._counted = False  # counted in `limit` (until it closes, or is evicted)
         self._in_head = True  # between requests, or inside a request's line and headers
-        self._head_bytes = 0  # bytes of the head being read
+        self._head_bytes = 0  # bytes of the reads this head took so far (all of them, if it began one)
+        self._head_began_mid_read = False  # a request ended in a read, and this head began after it
+        self._read_bytes = 0  # of the read being parsed
         self._framing_bytes = 0  # bytes after the head that are not body (chunk sizes, trailers)
         self._body_bytes = 0  # of the request being read
         self._completed_in_read = False  # a request ended inside the bytes being parsed
         self._refused = False  # answered with an error: what else arrives is read and dropped
+        self._deferred: tuple[int, str, str, str] | None = None  # an error to answer after the app's
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if not self._limit.admit(self):
+            self._close_for_limit("over_limit")
+            self._answer(
+                503, "Service Unavailable", "overloaded", _NO_ROOM, error_type="server_error", linger=False
+            )
+            return
+        self._counted = True
         self._arm(self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._counted:
+            self._counted = False
+            self._limit.release(self)
         super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection: the app has no request of this one."""
+        self._counted = False
+        self._close_for_limit("idle_evicted")
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -62,7 +145,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and self._timer is None and not self._busy():
             self._arm(self._head_too_slow)  # the first byte of a request on a kept-alive connection
         in_body, body_before = not self._in_head, self._body_bytes
-        self._completed_in_read = False
+        self._completed_in_read, self._read_bytes = False, len(data)
         super().data_received(data)
         if self._refused or self.transport.is_closing():
             return
@@ -74,16 +157,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             self._arm(self._body_stalled)
             return
-        # Still in a head: count what arrived (all of it, unless a pipelined request ended inside it,
-        # whose bytes are not this head's: then count from the next read; the bound moves by one read).
-        self._head_bytes += 0 if self._completed_in_read else len(data)
+        # Still in a head: count what arrived. When a request ended inside this read, the next head's
+        # share of it is unknown: count from the next read (on_headers_complete measures that head).
+        # A head began after it if uvicorn made a new scope (at the message's first byte).
+        if self._completed_in_read:
+            self._head_began_mid_read = self.scope is not self.cycle.scope
+        else:
+            self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             self._too_large(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.")
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        self._in_head, self._head_bytes, self._framing_bytes, self._body_bytes = False, 0, 0, 0
+        # The head is at most the reads it took (this one included): only a large one is measured.
+        could_be_large = self._head_bytes + self._read_bytes > MAX_HEAD_BYTES or self._head_began_mid_read
+        if could_be_large and self._head_size() > MAX_HEAD_BYTES:
+            self._too_large(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.")
+            raise _Refused  # stops the parser: the app never sees this request
+        self._in_head, self._head_began_mid_read = False, False
+        self._head_bytes, self._framing_bytes, self._body_bytes = 0, 0, 0
+        self._limit.idle.pop(self, None)  # the app has a request of this connection now
         super().on_headers_complete()
+
+    def _head_size(self) -> int:
+        """The head as the parser reported it: the request target and every header line (padding
+        around header values aside: it is counted while a head is incomplete, never kept)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -96,7 +195,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._in_head and self._head_bytes and self._timer is None and not self.transport.is_closing():
+        if not self.cycle.response_complete or self.transport.is_closing():
+            return  # a pipelined request started, or closing
+        if self._deferred is not None:  # refused while the requests before it were answered
+            self._answer(*self._deferred)
+            return
+        if self._counted:
+            self._limit.idle[self] = None  # idle again, the newest
+        if self._in_head and self._head_begun() and self._timer is None:
             self._arm(self._head_too_slow)  # a head that began while the answer before it was going out
 
     def send_400_response(self, msg: str) -> None:
@@ -104,6 +210,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(400, "Bad Request", "invalid_http", "The request is not valid HTTP/1.1.")
 
     # --- timers --------------------------------------------------------------------------------------
+
+    def _head_begun(self) -> bool:
+        return self._head_bytes > 0 or self._head_began_mid_read
 
     def _busy(self) -> bool:
         """A request is being handled on this connection: its answer is the app's to give."""
@@ -122,7 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._busy():
             return  # on_response_complete starts the clock again if a head is still pending
-        if self._head_bytes == 0:
+        if not self._head_begun():
             self.transport.close()  # nothing of a request arrived: an idle connection, not an error
             return
         self._refuse(
@@ -149,30 +258,60 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(431, "Request Header Fields Too Large", "request_header_fields_too_large", message)
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
-        """Answer with an error and end the connection. While the app handles a request here, the
-        answer is its own: a response going out ends, and then the connection; a request still being
-        read (its trailer too large) is cut, and the app sees the caller leave."""
+        """Answer with an error and end the connection. While the app handles a request here: if the
+        error is in what follows it (a pipelined request), the app's answers go out first, then this
+        one; if it is in the request's own body (its framing), the caller gets the error and the app
+        sees the caller leave, unless the app has answered already: then its answer ends the connection."""
         if self._refused or self.transport.is_closing():
             return
         self._disarm()
         self._refused = True
         if self._busy():
-            if self.cycle.response_started:
-                self.cycle.keep_alive = False
-            else:
+            cycle = self.cycle
+            if not cycle.more_body:
+                self._deferred = (status, reason, code, message)  # written by on_response_complete
+                return
+            if cycle.response_started:
+                cycle.keep_alive = False
+                return
+            if self.pipeline:  # a queued request's body, behind one being answered: no room for ours
                 self.transport.close()
-            return
-        body = orjson.dumps(
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-        )
+                return
+            cycle.disconnected = True  # what the app sends now is dropped; its next receive: "gone"
+            cycle.message_event.set()
+        self._answer(status, reason, code, message)
+
+    def _answer(
+        self,
+        status: int,
+        reason: str,
+        code: str,
+        message: str,
+        *,
+        error_type: str = "invalid_request_error",
+        linger: bool = True,
+    ) -> None:
+        """Write an error in OpenAI's shape and close: after a moment of reading and dropping what
+        the caller still sends (`linger`: closing with unread bytes resets the connection, and the
+        caller might lose the answer), or at once."""
+        body = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
         head = (
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"%s: %s\r\nconnection: close\r\n\r\n"
             % (status, reason.encode(), len(body), REQUEST_ID_HEADER, new_id().encode())
         )
         self.transport.write(head + body)
-        # Close our side after the answer, but keep reading (and dropping) for a moment: closing with
-        # unread bytes would make the kernel reset the connection, and the caller might lose the answer.
+        if not linger:
+            self.transport.close()
+            return
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(_LINGER_S, self.transport.close)
+
+    def _close_for_limit(self, reason: str) -> None:
+        """Count a connection closed to stay within `max_connections` (`reason`: idle_evicted or
+        over_limit), in /metrics when the app put its counter in the lifespan state."""
+        self._limit.warn_once()
+        counter = self.app_state.get(CONNECTIONS_CLOSED_STATE)
+        if counter is not None:
+            counter.labels(reason).inc()

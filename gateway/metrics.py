@@ -29,6 +29,7 @@ UPSTREAM_ERROR_KINDS = (
     "unreachable",
     "connect_timeout",
     "read_timeout",
+    "total_timeout",
     "bad_response",
     "http_4xx",
     "http_5xx",
@@ -74,7 +75,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
-            "Upstream failures: unreachable, connect_timeout, read_timeout, bad_response, "
+            "Upstream failures: unreachable, connect_timeout, read_timeout, total_timeout, bad_response, "
             "http_4xx or http_5xx (an error status relayed from upstream).",
             ("kind",),
             registry=registry,

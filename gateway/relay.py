@@ -5,26 +5,42 @@ on the same proxy (see README, "Why these libraries"). Every aiohttp error is tr
 `GatewayError` here and nowhere else, with a message that names no secret.
 
 Non-streamed answers are returned with upstream's status and JSON body (with `usage.estimated_cost`
-filled in from the price table when upstream gave none). Streams are relayed byte for byte as they
-arrive; once the caller has the headers, a failure becomes one SSE error event and the stream ends.
+filled in from the price table when upstream gave none, and usage the gateway does not believe
+replaced by what it books). Streams are relayed byte for byte as they arrive; once the caller has
+the headers, a failure becomes one SSE error event and the stream ends.
+
+What upstream sends is bounded: a JSON answer or an SSE event over `max_answer_bytes` (the
+configured `server.max_body_bytes`) is a 502, as is a compressed answer that inflates past it or a
+compressed stream. An upstream error body reaches the caller in OpenAI's error shape (completed if
+upstream left parts out), and nothing relayed shows the upstream token, in any case or escaping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import re
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 
-from gateway.accounting import billed_usd, completion_text, estimate_prompt_tokens, estimate_tokens
+from gateway.accounting import (
+    believed_cost,
+    believed_tokens,
+    billed_usd,
+    completion_text,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
 from gateway.asgi import REQUEST_ID_HEADER, Receive, Send, send_json
 from gateway.config import UpstreamConfig
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, Overloaded, UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.sse import StreamTap, StreamTooLarge
 from gateway.validate import ChatRequest, parse_json
@@ -33,6 +49,9 @@ logger = logging.getLogger("gateway.relay")
 
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _PASSED_HEADERS = ("retry-after",)
+_NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)  # the process's or the system's open-files limit
+_INFLATED_CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+_GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS  # zlib's wbits for "either header, detected"
 
 
 @dataclass(slots=True)
@@ -56,6 +75,8 @@ class RelayResult:
         self.status = error.status
         if isinstance(error, UpstreamTimeout):
             self.outcome = "timeout"
+        elif isinstance(error, Overloaded):  # refused for want of room: nothing went upstream
+            self.outcome = "rejected"
         else:
             self.outcome = "upstream_error" if error.status >= 500 else "rejected"
 
@@ -63,24 +84,25 @@ class RelayResult:
 class Upstream:
     """The upstream endpoint: one aiohttp session, its URL and the injected token."""
 
-    def __init__(self, config: UpstreamConfig, token: str, metrics: Metrics) -> None:
+    def __init__(
+        self, config: UpstreamConfig, token: str, metrics: Metrics, *, max_answer_bytes: int
+    ) -> None:
         self.url = config.chat_completions_url
         self.metrics = metrics
+        self.max_answer_bytes = max_answer_bytes
         self._config = config
         self._authorization = f"Bearer {token}"
-        self._token = token.encode()
+        self._token = TokenFilter(token)
         self._session: aiohttp.ClientSession | None = None
-
-    def without_token(self, body: bytes) -> bytes:
-        """An upstream error that quotes the token it was given must not show it to the caller."""
-        return body.replace(self._token, b"***") if self._token and self._token in body else body
 
     async def start(self, base_url: str | None = None) -> None:
         """Open the client session; `base_url` overrides the configured one (the in-process simulator)."""
         if base_url is not None:
             self.url = f"{base_url.rstrip('/')}/chat/completions"
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._config.connect_timeout_s, sock_read=self._config.read_timeout_s
+            total=self._config.total_timeout_s,  # None: no deadline, and no timer per request
+            sock_connect=self._config.connect_timeout_s,
+            sock_read=self._config.read_timeout_s,
         )
         connector = aiohttp.TCPConnector(limit=self._config.max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
@@ -88,6 +110,7 @@ class Upstream:
             connector=connector,
             headers={"User-Agent": "gateway", "Accept-Encoding": "identity"},
             cookie_jar=aiohttp.DummyCookieJar(),  # an upstream cookie must never pass between callers
+            auto_decompress=False,  # aiohttp would inflate without a bound: read_answer does, with one
         )
 
     async def close(self) -> None:
@@ -110,8 +133,69 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError) as error:
             raise self.translate(error) from None
 
+    async def read_answer(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a non-streamed answer, never more than max_answer_bytes of it (inflated
+        with that bound if upstream compressed it); a 502 if it is larger, or coded otherwise."""
+        try:
+            length = response.content_length
+            if length is not None and length > self.max_answer_bytes:
+                raise self._too_large()
+            inflater = self._inflater(response)
+            if inflater is None and length is not None:
+                return await response.read()  # the usual answer: the parser stops at Content-Length
+            return await self._read_bounded(response, inflater)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise self.translate(error) from None
+        finally:
+            response.release()  # a body not read to its end closes the connection
+
+    async def _read_bounded(
+        self, response: aiohttp.ClientResponse, inflater: zlib._Decompress | None
+    ) -> bytes:
+        room = self.max_answer_bytes
+        parts = []
+        async for chunk in response.content.iter_any():
+            if inflater is not None:
+                try:
+                    chunk = inflater.decompress(chunk, room + 1)  # a byte past the room tells "too large"
+                except zlib.error:
+                    raise self.bad_response("The upstream's compressed answer is corrupt.") from None
+            room -= len(chunk)
+            if room < 0:
+                raise self._too_large()
+            parts.append(chunk)
+        if inflater is not None and not inflater.eof:
+            raise self.bad_response("The upstream's compressed answer was cut short.")
+        return b"".join(parts)
+
+    def _inflater(self, response: aiohttp.ClientResponse) -> zlib._Decompress | None:
+        """A decompressor for the answer's Content-Encoding; None for none; a 502 for any other."""
+        coding = response.headers.get("Content-Encoding")
+        if coding is None or coding.strip().lower() in ("", "identity"):
+            return None
+        if coding.strip().lower() in _INFLATED_CODINGS:
+            return zlib.decompressobj(_GZIP_OR_ZLIB)
+        raise self.bad_response(
+            "The upstream compressed its answer in an encoding the gateway does not read."
+        )
+
+    def refuse_compressed_stream(self, response: aiohttp.ClientResponse) -> None:
+        """A stream is relayed as it comes: one that upstream compressed (though asked for identity)
+        would have to be inflated event by event. It is refused instead, as a 502."""
+        coding = response.headers.get("Content-Encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            response.close()
+            raise self.bad_response("The upstream compressed its stream, though asked not to.")
+
+    def _too_large(self) -> UpstreamUnavailable:
+        return self.bad_response(f"The upstream's answer is over {self.max_answer_bytes} bytes.")
+
     def translate(self, error: BaseException) -> GatewayError:
         """The one place where HTTP-client failures become gateway errors."""
+        if isinstance(error, aiohttp.ClientConnectorError) and error.os_error.errno in _NO_DESCRIPTOR:
+            logger.warning("no file descriptor left for an upstream connection")
+            self.metrics.overloaded.labels("file_descriptors").inc()
+            return Overloaded("The gateway has no room for another upstream connection; try again shortly.")
         logger.warning("upstream request failed: %s", type(error).__name__)
         if isinstance(error, aiohttp.ConnectionTimeoutError):
             self.metrics.upstream_error("connect_timeout")
@@ -119,17 +203,142 @@ class Upstream:
                 f"The upstream did not accept a connection within {self._config.connect_timeout_s:g} s."
             )
         if isinstance(error, TimeoutError):
-            self.metrics.upstream_error("read_timeout")
-            return UpstreamTimeout(f"The upstream sent nothing for {self._config.read_timeout_s:g} s.")
+            return self._timed_out(error)
         if isinstance(error, aiohttp.ClientConnectorError):
             self.metrics.upstream_error("unreachable")
             return UpstreamUnavailable("The upstream could not be reached.")
         return self.bad_response("The upstream connection failed before its answer was complete.")
 
+    def _timed_out(self, error: TimeoutError) -> UpstreamTimeout:
+        """aiohttp's read timeout has its own class; its total deadline is a plain TimeoutError."""
+        total = self._config.total_timeout_s
+        if total is not None and not isinstance(error, aiohttp.SocketTimeoutError):
+            self.metrics.upstream_error("total_timeout")
+            return UpstreamTimeout(f"The upstream did not finish its answer within {total:g} s.")
+        self.metrics.upstream_error("read_timeout")
+        return UpstreamTimeout(f"The upstream sent nothing for {self._config.read_timeout_s:g} s.")
+
     def bad_response(self, message: str) -> UpstreamUnavailable:
         """An answer the gateway cannot relay (cut, not JSON, not SSE, a redirect): counted, and a 502."""
         self.metrics.upstream_error("bad_response")
         return UpstreamUnavailable(message, code="upstream_bad_response")
+
+    def error_body(self, status: int, payload: Any, body: bytes) -> bytes:
+        """An upstream error's JSON body as the caller gets it: in OpenAI's shape (completed if upstream
+        left parts out) and without the token; byte for byte when it is both already (the usual)."""
+        in_shape = _in_openai_shape(payload)
+        may_hold_token = self._token.may_hold(body)
+        if in_shape and not may_hold_token:
+            return body
+        shaped = payload if in_shape else _completed_error(payload, status)
+        try:
+            clean = self._token.scrubbed(shaped) if may_hold_token else shaped
+        except RecursionError:
+            raise self.bad_response(
+                f"The upstream answered HTTP {status} with JSON nested too deeply."
+            ) from None
+        if in_shape and clean == payload:
+            return body
+        return _dumps(clean)
+
+    def passed_header(self, value: str) -> bytes | None:
+        """A header value of upstream's as the caller may see it: printable ASCII (else dropped), with
+        the token starred."""
+        if not (value.isascii() and value.isprintable()):
+            return None
+        return self._token.scrubbed_ascii(value).encode()
+
+    def passed_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+        passed = []
+        for name in _PASSED_HEADERS:
+            value = response.headers.get(name)
+            clean = None if value is None else self.passed_header(value)
+            if clean is not None:
+                passed.append((name.encode(), clean))
+        return passed
+
+
+class TokenFilter:
+    """Finds the upstream token in what upstream sends back, in any letter case and any JSON escaping
+    (`\\u0073k-...`): a byte check first, that only says "it cannot be there" for plain ASCII text."""
+
+    def __init__(self, token: str) -> None:
+        self._lower = token.lower().encode()
+        self._lower_text = token.lower()
+        self._text = re.compile(re.escape(token), re.IGNORECASE) if token else None
+
+    def may_hold(self, body: bytes) -> bool:
+        if self._text is None:
+            return False
+        return not body.isascii() or b"\\" in body or self._lower in body.lower()
+
+    def scrubbed_text(self, text: str) -> str:
+        return text if self._text is None else self._text.sub("***", text)
+
+    def scrubbed_ascii(self, text: str) -> str:
+        """The same for ASCII text, where a lowercase search is exact: no regex when it is not there."""
+        return self.scrubbed_text(text) if self._lower_text in text.lower() else text
+
+    def scrubbed(self, value: Any) -> Any:
+        """Parsed JSON with the token starred in every string, keys included."""
+        if isinstance(value, str):
+            return self.scrubbed_text(value)
+        if isinstance(value, dict):
+            return {self.scrubbed_text(key): self.scrubbed(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.scrubbed(item) for item in value]
+        return value
+
+
+def _in_openai_shape(payload: Any) -> bool:
+    """{"error": {"message": str, "type": str, "param": ..., "code": ...}}: what strict clients parse."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return (
+        isinstance(error, dict)
+        and isinstance(error.get("message"), str)
+        and isinstance(error.get("type"), str)
+        and "param" in error
+        and "code" in error
+    )
+
+
+def _completed_error(payload: Any, status: int) -> dict[str, Any]:
+    """An error body in OpenAI's shape, keeping everything upstream said (its message first of all)."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    completed: dict[str, Any] = dict(error) if isinstance(error, dict) else {}
+    completed["message"] = _error_message(payload, error, status)
+    if not isinstance(completed.get("type"), str):
+        completed["type"] = _error_type(status)
+    completed.setdefault("param", None)
+    completed.setdefault("code", None)
+    return {**payload, "error": completed} if isinstance(payload, dict) else {"error": completed}
+
+
+def _error_message(payload: Any, error: Any, status: int) -> str:
+    """Upstream's message, wherever it put it: error.message, error, message, detail (FastAPI's)."""
+    if isinstance(payload, str):
+        return payload
+    found = error.get("message") if isinstance(error, dict) else error
+    if found is None and isinstance(payload, dict):
+        found = payload.get("message", payload.get("detail"))
+    if isinstance(found, str):
+        return found
+    if found is not None:
+        return _dumps(found).decode()  # a list of validation errors, say: kept as its JSON text
+    return f"The upstream answered HTTP {status}."
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _dumps(payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # what only the standard parser took (an integer over 64 bits, ...)
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 async def relay_completion(
@@ -168,12 +377,7 @@ async def _relay_json(
     result: RelayResult,
     watch: DisconnectWatch,
 ) -> None:
-    try:
-        body = await response.read()
-    except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream.translate(error) from None
-    finally:
-        response.release()
+    body = await upstream.read_answer(response)
     status = response.status
     if 300 <= status < 400:
         raise upstream.bad_response(f"The upstream answered with a redirect (HTTP {status}).")
@@ -186,47 +390,41 @@ async def _relay_json(
     result.outcome, result.status = ("ok" if status < 400 else "upstream_error"), status
     if status >= 400:
         upstream.metrics.upstream_error("http_4xx" if status < 500 else "http_5xx")
-        body = upstream.without_token(body)
+        body = upstream.error_body(status, payload, body)
     if status < 400 and isinstance(payload, dict):
         result.upstream_answered = True
         result.service_tier = payload.get("service_tier")
         body = _with_estimated_cost(payload, body, request, result)
-    extra = [
-        (name.encode(), response.headers[name].encode())
-        for name in _PASSED_HEADERS
-        if name in response.headers
-    ]
-    await send_json(send, status, body, request_id, extra)
+    await send_json(send, status, body, request_id, upstream.passed_headers(response))
     result.delivered, result.finished_at = True, time.monotonic()
 
 
 def _with_estimated_cost(
     payload: dict[str, Any], body: bytes, request: ChatRequest, result: RelayResult
 ) -> bytes:
-    """Usage with `estimated_cost`; the body is rewritten only when upstream left something out."""
-    usage = payload.get("usage")
-    result.usage = usage if isinstance(usage, dict) else None
-    if isinstance(usage, dict) and usage.get("estimated_cost") is not None:
+    """Usage with `estimated_cost`, as booked. Upstream's bytes go out as they came when it gave
+    believable tokens and cost (the usual); else the usage is rewritten: tokens believed but no
+    believable cost, the price table's cost; no believable tokens, the gateway's estimate of them."""
+    usage: Any = payload.get("usage")
+    tokens = believed_tokens(usage)
+    if tokens is not None and believed_cost(usage.get("estimated_cost")):
+        result.usage = usage
         return body
-    if not isinstance(usage, dict):
+    if tokens is None:
         result.usage_estimated = True
-        prompt = estimate_prompt_tokens(request.body)
-        completion = estimate_tokens(completion_text(payload))
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-    prompt_tokens = usage.get("prompt_tokens")
-    completion_tokens = usage.get("completion_tokens")
-    if isinstance(prompt_tokens, int) and isinstance(completion_tokens, int):
-        usage["estimated_cost"] = float(billed_usd(request.model, prompt_tokens, completion_tokens))
-        result.cost_added = True
+        tokens = estimate_prompt_tokens(request.body), estimate_tokens(completion_text(payload))
+        usage = {}  # upstream's figures are not relayed beside the gateway's own
+    prompt, completion = tokens
+    usage = {
+        **usage,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "estimated_cost": float(billed_usd(request.model, prompt, completion)),
+    }
+    result.cost_added = True
     payload["usage"] = result.usage = usage
-    try:
-        return orjson.dumps(payload)
-    except orjson.JSONEncodeError:  # what only the standard parser took (an integer over 64 bits, ...)
-        return json.dumps(payload, separators=(",", ":")).encode()
+    return _dumps(payload)
 
 
 async def relay_stream(
@@ -243,12 +441,16 @@ async def relay_stream(
     an SSE error event before the cancel goes on, and the result says what was delivered.
     """
     watch = DisconnectWatch(receive)
-    tap = StreamTap(withhold_usage_only=not request.caller_wants_usage)
+    tap = StreamTap(
+        withhold_usage_only=not request.caller_wants_usage, max_event_bytes=upstream.max_answer_bytes
+    )
     try:
         response = await upstream.post(request.upstream_body, request_id)
-        if response.status >= 400 or not response.content_type.startswith("text/event-stream"):
+        # Anything but a 200 event stream is read as JSON: an error relayed, a redirect or a 204 a 502.
+        if response.status != 200 or not response.content_type.startswith("text/event-stream"):
             await _relay_json(upstream, response, request, request_id, send, result, watch)
             return
+        upstream.refuse_compressed_stream(response)
         reusable = False
         in_flight = upstream.metrics.streams_in_flight
         in_flight.inc()
@@ -316,8 +518,9 @@ async def _pump_events(
 ) -> bytes:
     """Relay events until [DONE] or upstream's end; return the last bytes to send (an error event on
     failure). The read that carries [DONE] is returned rather than sent, to go out with the end."""
+    content_type = upstream.passed_header(response.headers.get("content-type", ""))
     headers = [
-        (b"content-type", response.headers.get("content-type", "text/event-stream").encode()),
+        (b"content-type", content_type or b"text/event-stream"),
         (REQUEST_ID_HEADER, request_id),
         *_SSE_HEADERS,
     ]
@@ -339,7 +542,9 @@ async def _pump_events(
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = upstream.translate(error)
     except StreamTooLarge:
-        failure = upstream.bad_response("The upstream stream is not SSE.")
+        failure = upstream.bad_response(
+            f"The upstream sent an SSE event over {upstream.max_answer_bytes} bytes."
+        )
     if failure is None and not tap.done:
         last = tap.rest()  # upstream ended: a final [DONE] may lack its blank line
     _note_stream(result, tap)

@@ -4,7 +4,9 @@
 event completed by that read, byte for byte. An event split across reads goes out the moment its
 last byte arrives (in practice upstreams write whole events, and each read goes out as it came).
 Holding back only the unfinished tail means that a stream cut mid-event can still end with a
-clean error event: the caller never sees half an event it cannot parse.
+clean error event: the caller never sees half an event it cannot parse. That tail is bounded
+(`max_event_bytes`: an "event" larger than that is not SSE, and the stream is garbage), and it is
+kept in a growing buffer, so that an event arriving in many reads is copied once, not once a read.
 
 When the gateway asked upstream for usage on the caller's behalf, the caller must not see the
 usage-only chunk (empty `choices`) that exists only because of that request: that one event is
@@ -24,15 +26,18 @@ _CONTENT = b'"content":'
 _DONE_PREFIXES = (b"data: [DONE]", b"data:[DONE]")
 # A line end followed by another: a blank line. Atomic groups, so that a \r\n is never taken as two.
 _BLANK_LINE = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
-MAX_EVENT_BYTES = 8 * 1024 * 1024  # an "event" larger than this is not SSE: the stream is garbage
+
+
+Buffer = bytes | bytearray  # a read as it came, or the tail held back with the reads after it
 
 
 class StreamTooLarge(Exception):
-    """Upstream sent more than MAX_EVENT_BYTES without ending an event."""
+    """Upstream sent more than `max_event_bytes` without ending an event."""
 
 
 class StreamTap:
     __slots__ = (
+        "_max_event_bytes",
         "_pending",
         "_withhold_usage_only",
         "content_chunks",
@@ -41,9 +46,10 @@ class StreamTap:
         "usage",
     )
 
-    def __init__(self, *, withhold_usage_only: bool) -> None:
+    def __init__(self, *, withhold_usage_only: bool, max_event_bytes: int) -> None:
         self._withhold_usage_only = withhold_usage_only
-        self._pending = b""  # the start of an event whose end has not arrived yet
+        self._max_event_bytes = max_event_bytes
+        self._pending = bytearray()  # the start of an event whose end has not arrived yet
         self.usage: dict[str, Any] | None = None
         self.service_tier: Any = None
         self.content_chunks = 0  # events with non-empty content: the estimate if usage never comes
@@ -51,26 +57,36 @@ class StreamTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one read from upstream; return the complete events to send to the caller now."""
-        if not self._pending and _is_one_plain_event(chunk):  # the usual read: a single content chunk
-            if _has_string(chunk, _CONTENT, 0, len(chunk)):
-                self.content_chunks += 1
-            return chunk
         pending = self._pending
-        data = pending + chunk
+        if not pending:
+            if _is_one_plain_event(chunk):  # the usual read: a single content chunk
+                if _has_string(chunk, _CONTENT, 0, len(chunk)):
+                    self.content_chunks += 1
+                return chunk
+            return self._split(chunk, 0)
         # The end of an event may straddle the old tail and the new read: look 3 bytes back, not further.
-        start, search_from = 0, max(0, len(pending) - 3)
-        event_end = _event_end_any if b"\r" in data else _event_end_lf
+        search_from = max(0, len(pending) - 3)
+        pending += chunk
+        return self._split(pending, search_from)
+
+    def _split(self, data: Buffer, search_from: int) -> bytes:
+        """Send the complete events of `data`, hold back the rest; only bytes from `search_from` on
+        can end an event (what lies before was searched when it came)."""
+        event_end = _event_end_any if data.find(b"\r", search_from) != -1 else _event_end_lf
+        start = 0
         dropped: list[tuple[int, int]] = []
         while (end := event_end(data, search_from)) != -1:
             if self._inspect(data, start, end) and self._withhold_usage_only:
                 dropped.append((start, end))
             start = search_from = end
-        self._pending = data[start:]
-        if len(self._pending) > MAX_EVENT_BYTES:
+        if start == 0:  # no event ended: all of it waits (a buffer that grows in place)
+            self._pending = data if isinstance(data, bytearray) else bytearray(data)
+        else:
+            self._pending = bytearray(data[start:])
+        if len(self._pending) > self._max_event_bytes:
             raise StreamTooLarge
-        if not dropped:
-            return data[:start]  # the whole read, no copy, when it ends on an event boundary
-        return _without(data[:start], dropped)
+        out = data[:start] if isinstance(data, bytes) else bytes(data[:start])  # a whole read: no copy
+        return _without(out, dropped) if dropped else out
 
     @property
     def mid_event(self) -> bool:
@@ -82,9 +98,9 @@ class StreamTap:
         written without its blank line counts as the end)."""
         if self._pending.startswith(_DONE_PREFIXES):
             self.done = True
-        return self._pending
+        return bytes(self._pending)
 
-    def _inspect(self, data: bytes, start: int, end: int) -> bool:
+    def _inspect(self, data: Buffer, start: int, end: int) -> bool:
         """Note what one complete event says; True if it is a usage-only chunk."""
         if data.startswith(_DONE_PREFIXES, start):
             self.done = True
@@ -117,13 +133,13 @@ def _is_one_plain_event(chunk: bytes) -> bool:
     )
 
 
-def _event_end_lf(data: bytes, search_from: int) -> int:
+def _event_end_lf(data: Buffer, search_from: int) -> int:
     """Index just past the first blank line at or after `search_from`, or -1 (no \r in `data`)."""
     end = data.find(b"\n\n", search_from)
     return end + 2 if end != -1 else -1
 
 
-def _event_end_any(data: bytes, search_from: int) -> int:
+def _event_end_any(data: Buffer, search_from: int) -> int:
     """The same, for any line ends. A \r as the last byte read may be the first half of a \r\n:
     the event ends after the next byte arrives, so that no piece sent ends inside a line end."""
     blank = _BLANK_LINE.search(data, search_from)
@@ -132,7 +148,7 @@ def _event_end_any(data: bytes, search_from: int) -> int:
     return blank.end()
 
 
-def _value_at(data: bytes, key: bytes, start: int, end: int) -> int:
+def _value_at(data: Buffer, key: bytes, start: int, end: int) -> int:
     """Index of the first byte of `key`'s value in data[start:end], or -1; found without parsing."""
     at = data.find(key, start, end)
     if at == -1:
@@ -143,17 +159,17 @@ def _value_at(data: bytes, key: bytes, start: int, end: int) -> int:
     return at
 
 
-def _has_string(data: bytes, key: bytes, start: int, end: int) -> bool:
+def _has_string(data: Buffer, key: bytes, start: int, end: int) -> bool:
     at = _value_at(data, key, start, end)
     return at != -1 and data.startswith(b'"', at) and not data.startswith(b'""', at)
 
 
-def _has_object(data: bytes, key: bytes, start: int, end: int) -> bool:
+def _has_object(data: Buffer, key: bytes, start: int, end: int) -> bool:
     at = _value_at(data, key, start, end)
     return at != -1 and data.startswith(b"{", at)
 
 
-def _decode_data(event: bytes) -> Any:
+def _decode_data(event: Buffer) -> Any:
     lines = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     try:
         return parse_json(b"\n".join(lines))

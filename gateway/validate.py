@@ -4,7 +4,8 @@ The parsed body is only read, never rebuilt: what goes upstream is the caller's 
 on a stream whose caller did not ask for usage, where `stream_options.include_usage: true` is
 spliced into those bytes so usage can be booked (SPEC §3, Relay): everything else stays byte for byte.
 A key given twice in one object is refused: the gateway would check one value and upstream might
-use the other.
+use the other. Every scan of the caller's bytes here is linear in their size, so that no body up to
+`server.max_body_bytes` can hold the event loop for long.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +26,17 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 TOOL_CHOICES = ("none", "auto")
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 # Every key is a string followed by a colon: counting these bounds the keys written from above, at the
-# speed of a byte scan. An escaped quote and a colon inside a string (`\":`, common in tool calls'
-# JSON arguments) is taken off; `\\":` (an escaped backslash ending a key) is put back, so the count
-# never falls below the keys written.
-_KEY_LIKE = re.compile(rb'"\s*:')
-# JSON's strings and the punctuation around values, for finding one top-level value's bytes.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
-_SPACE = b" \t\r\n"
+# speed of a byte scan (`":` counted by bytes.count, the rare `" :` by a regex). An escaped quote and
+# a colon inside a string (`\":`, common in tool calls' JSON arguments) is taken off; `\\":` (an
+# escaped backslash ending a key) is put back, so the count never falls below the keys written.
+_SPACED_KEY = re.compile(rb'"[ \t\r\n]+:')
+# `user` is booked: at most the ledger's bound, and neither NUL (PostgreSQL refuses it in text) nor a
+# lone UTF-16 surrogate (no UTF-8 for it). Other control characters are kept: they are stored as they
+# are, and the CSV export defuses them.
+USER_MAX_CHARS = 256
+_UNBOOKABLE = re.compile("[\x00\ud800-\udfff]")
+_JSON_SCANNER = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
 
 FieldCheck = Callable[[str, Any], None]
 
@@ -75,7 +80,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
     try:
-        written = len(_KEY_LIKE.findall(raw)) - raw.count(b'\\":') + raw.count(b'\\\\":')
+        written = raw.count(b'":') + len(_SPACED_KEY.findall(raw)) - raw.count(b'\\":') + raw.count(b'\\\\":')
         if written > _count_keys(body):  # a key twice (or, rarely, a quote-colon the count kept)
             _refuse_duplicate_keys(raw)
     except RecursionError:
@@ -96,33 +101,42 @@ def parse_json(raw: bytes) -> Any:
 
 
 def _count_keys(body: dict[str, Any]) -> int:
-    """Keys in the parsed body, at every depth (a loop, not recursion: any depth orjson takes)."""
+    """Keys in the parsed body, at every depth (a loop, not recursion: any depth orjson takes). Only
+    containers go on the stack: a long array of numbers or strings is one pass in a comprehension."""
     count = 0
     stack: list[Any] = [body]
     while stack:
         item = stack.pop()
         if type(item) is dict:
             count += len(item)
-            stack.extend(item.values())
-        elif type(item) is list:
-            stack.extend(item)
+            item = item.values()
+        stack += [value for value in item if type(value) is dict or type(value) is list]
     return count
 
 
 def _refuse_duplicate_keys(raw: bytes) -> None:
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [name for name, _ in pairs]
-        if len(set(names)) < len(names):
-            twice = next(name for index, name in enumerate(names) if name in names[:index])
+        found = dict(pairs)
+        if len(found) < len(pairs):
+            twice = _first_repeated(name for name, _ in pairs)
             raise InvalidRequest(
                 f"The key {_show(twice)} appears twice in one object of the request body; keys must be "
                 "unique (upstream might use a value other than the one checked).",
-                param=twice,
+                param=_clip(twice),
                 code="duplicate_key",
             )
-        return dict(pairs)
+        return found
 
     json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+
+
+def _first_repeated(names: Iterator[str]) -> str:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    raise AssertionError("no name repeats")  # not reached: the caller counted one twice
 
 
 def _reject_constant(name: str) -> Any:
@@ -138,8 +152,8 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
         return raw[:end] + _INCLUDE_USAGE
     # Rare: the caller sent stream_options without include_usage: true. Only that value changes,
     # read again from its own bytes by the standard library (integers of any size stay exact).
-    start, end = _top_level_value_span(raw, "stream_options")
     try:
+        start, end = _top_level_value_span(raw, "stream_options")
         options = json.loads(raw[start:end])
         ours = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         value = json.dumps(ours, separators=(",", ":"), allow_nan=False).encode()
@@ -153,30 +167,26 @@ def _upstream_body(raw: bytes, body: dict[str, Any], stream: bool, caller_wants_
 
 
 def _top_level_value_span(raw: bytes, key: str) -> tuple[int, int]:
-    """Where the value of `key` lies in the bytes of a valid JSON object without duplicate keys:
-    walk its strings and punctuation (a long string is one step), keeping count of the depth."""
-    depth, expecting_key, start = 0, False, -1
-    for token in _TOKEN.finditer(raw):
-        text = token.group()
-        if start != -1 and depth == 1 and text in (b",", b"}"):
-            end = token.start()
-            while raw[end - 1] in _SPACE:
-                end -= 1
+    """Where the value of `key` lies in the bytes of a valid JSON object without duplicate keys.
+
+    The standard library's scanner (C) reads each top-level key and skips each value, so the walk is
+    linear in the body. It reads the bytes as Latin-1, one character a byte: its indexes are byte
+    offsets, and JSON's structure is all ASCII, which no byte of a UTF-8 sequence is."""
+    text = raw.decode("latin-1")
+    index = _after_space(text, 0) + 1  # past "{"
+    while True:
+        name, index = _JSON_SCANNER.raw_decode(text, _after_space(text, index))
+        start = _after_space(text, _after_space(text, index) + 1)  # past ":"
+        _, end = _JSON_SCANNER.raw_decode(text, start)
+        if name == key:
             return start, end
-        if text in (b"{", b"["):
-            depth += 1
-            expecting_key = depth == 1
-        elif text in (b"}", b"]"):
-            depth -= 1
-        elif text == b",":
-            expecting_key = depth == 1
-        elif expecting_key and text != b":":  # a key of the top-level object
-            expecting_key = False
-            if parse_json(text) == key:
-                start = raw.index(b":", token.end()) + 1
-                while raw[start] in _SPACE:
-                    start += 1
-    raise ValueError(f"no top-level {key!r}")  # not reached: the caller parsed the key from `raw`
+        index = _after_space(text, end) + 1  # past ","
+
+
+def _after_space(text: str, index: int) -> int:
+    match = _JSON_SPACE.match(text, index)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
 
 
 def _check_model(model: Any, models: Mapping[str, ModelConfig]) -> ModelConfig:
@@ -240,6 +250,19 @@ def _check_string(field: str, value: Any) -> None:
         raise _wrong_type(field, "a string", value)
 
 
+def _check_user(field: str, value: Any) -> None:
+    _check_string(field, value)
+    if len(value) > USER_MAX_CHARS:
+        raise InvalidRequest(
+            f"{field} must be at most {USER_MAX_CHARS} characters, got {len(value)}", param=field
+        )
+    if _UNBOOKABLE.search(value):
+        raise InvalidRequest(
+            f"{field} must not hold a NUL character or an unpaired UTF-16 surrogate, got {_show(value)}",
+            param=field,
+        )
+
+
 def _check_tool_choice(field: str, value: Any) -> None:
     if isinstance(value, dict):
         raise InvalidRequest(
@@ -272,7 +295,7 @@ FIELD_CHECKS: dict[str, FieldCheck] = {
     "repetition_penalty": _number_in(0.01, 5),
     "seed": _integer_in(0, 2**63, high_open=True),
     "tool_choice": _check_tool_choice,
-    "user": _check_string,
+    "user": _check_user,
     "stream": _check_bool,
     "stream_options": _check_stream_options,
 }
@@ -388,6 +411,8 @@ def _json_type(value: Any) -> str:
 def _show(value: Any) -> str:
     if isinstance(value, dict | list):
         return "(…)"
+    if isinstance(value, str):
+        value = value[:81]  # no need to write out more of a long string than is shown
     try:
         return _clip(orjson.dumps(value).decode())
     except TypeError:

@@ -6,18 +6,64 @@ one worker while the others idle. Measured with wrk's 32 keep-alive connections 
 32 went to one worker in 2 runs out of 4, and two workers served no more than one. Here each worker
 gets its own socket bound to the same port with SO_REUSEPORT, and the kernel spreads new
 connections over the listening sockets by a hash of their addresses.
+
+A worker ends with its supervisor, however the supervisor ended (SIGKILL included): otherwise its
+workers would keep the port and serve on, unsupervised, beside the gateway started in its place. On
+Linux the kernel sends the worker SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG); elsewhere
+a thread watches the worker's parent. Either way the worker shuts down as on SIGTERM: it stops
+accepting, lets the requests it holds finish within `server.shutdown_grace_s`, and books them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+import signal
 import socket
+import sys
+import threading
+import time
+from typing import Any
 
 import uvicorn
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
+from gateway.app import GatewayApp, app_from_environment
+
 logger = logging.getLogger("uvicorn.error")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_app_factory() -> Any:
+    """The app factory for `uvicorn.Config(factory=True)`: picklable, it carries the supervisor's pid
+    to each worker, where it runs as the worker loads its app."""
+    return functools.partial(worker_app, supervisor_pid=os.getpid())
+
+
+def worker_app(supervisor_pid: int) -> GatewayApp:
+    end_with_supervisor(supervisor_pid)
+    return app_from_environment()
+
+
+def end_with_supervisor(supervisor_pid: int) -> None:
+    """Have SIGTERM sent to this process when its parent, the supervisor, ends."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != supervisor_pid:  # it died before prctl took effect: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        threading.Thread(target=_watch_parent, args=(supervisor_pid,), daemon=True).start()
+
+
+def _watch_parent(supervisor_pid: int) -> None:
+    while os.getppid() == supervisor_pid:  # an orphan is adopted by another process
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class OneSocketPerWorker(Multiprocess):

@@ -48,15 +48,24 @@ class GatewayProcess:
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20, open_files_soft_limit: int | None = None) -> GatewayProcess:
-        """Start and wait until every worker serves; optionally with a lower soft limit on open files."""
+    def start(
+        self,
+        timeout: float = 20,
+        open_files_soft_limit: int | None = None,
+        open_files_hard_limit: int | None = None,
+        port: int = 0,
+    ) -> GatewayProcess:
+        """Start and wait until every worker serves; optionally with lower limits on open files (a
+        lower hard limit is one the gateway cannot lift), or on a given port."""
         self._log = log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", "0"]
+        command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)]
+        command += ["--port", str(port)]
 
         def lower_open_files_limit() -> None:  # runs in the child, before the gateway starts
-            if open_files_soft_limit is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_soft_limit, hard))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            hard = hard if open_files_hard_limit is None else open_files_hard_limit
+            soft = min(soft if open_files_soft_limit is None else open_files_soft_limit, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
         self.process = subprocess.Popen(
             command,
@@ -66,10 +75,10 @@ class GatewayProcess:
             cwd=self._cwd,
             preexec_fn=lower_open_files_limit,
         )
-        port = self._wait_for(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
+        announced = self._wait_for(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout)
         # With several workers the parent announces the port before the workers listen: wait for each.
         self._wait_for(rb"(?:Application startup complete[^\n]*\n[\s\S]*){%d}" % self._workers, timeout)
-        self.url = f"http://127.0.0.1:{int(port)}"
+        self.url = f"http://127.0.0.1:{int(announced)}"
         return self
 
     def _wait_for(self, pattern: bytes, timeout: float) -> bytes:

@@ -58,7 +58,7 @@ def test_open_routes_need_no_key(gateway: GatewayProcess, path: str) -> None:
 
 
 def test_readyz_says_which_upstream(gateway: GatewayProcess, sim_gateway: GatewayProcess) -> None:
-    ready = {"status": "ready", "ledger": "ok", "ledger_queue": 0}
+    ready = {"status": "ready", "ledger": "ok", "ledger_queue": 0, "ledger_spilled": 0, "ledger_spill": "ok"}
     assert httpx.get(gateway.url + "/readyz").json() == {**ready, "upstream": "configured"}
     assert httpx.get(sim_gateway.url + "/readyz").json() == {**ready, "upstream": "simulator"}
 
@@ -75,10 +75,22 @@ def test_bearer_scheme_is_case_insensitive(gateway: GatewayProcess) -> None:
     assert httpx.post(gateway.url + "/v1/chat/completions", json=chat(), headers=headers).status_code == 200
 
 
-@pytest.mark.parametrize("request_id", ["my trace 42", "span\t7", "x" * 1024])
+@pytest.mark.parametrize("request_id", ["my trace 42", "~!{}", "x" * 200])
 def test_request_ids_are_kept(gateway: GatewayProcess, request_id: str) -> None:
     response = httpx.get(gateway.url + "/v1/models", headers=auth_headers(request_id=request_id))
     assert response.headers["x-request-id"] == request_id
+
+
+@pytest.mark.parametrize("request_id", ["span\t7", "x" * 201, "caf\xe9", "a\x7fb"])
+def test_request_ids_that_are_long_or_not_printable_ascii_are_replaced(
+    gateway: GatewayProcess, request_id: str
+) -> None:
+    headers = {
+        b"Authorization": f"Bearer {CALLER_KEY}".encode(),
+        b"x-request-id": request_id.encode("latin-1"),
+    }
+    response = httpx.get(gateway.url + "/v1/models", headers=headers)
+    assert response.headers["x-request-id"] not in ("", request_id)
 
 
 def test_unknown_routes_and_methods_answer_in_the_openai_shape(gateway: GatewayProcess) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -9,13 +10,18 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import create_engine, inspect
 
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
-from tests.servers import MODEL
+from gateway.ledger.store import sqlalchemy_url
+from tests.conftest import auth_headers
+from tests.ledgers import BACKENDS, POSTGRES, ledger_database
+from tests.servers import MODEL, GatewayProcess, gateway_config
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.yaml"
 
@@ -167,3 +173,62 @@ def test_simulate_serves_deepinfra_shaped_answers(simulator: str) -> None:
     )
     assert asked[-1].choices == [] and asked[-1].usage is not None
     assert asked[-1].usage.completion_tokens == 5
+
+
+def test_usage_from_another_folder_reads_the_ledger_serve_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///./ledger.db` names a file beside the config file, wherever a command runs."""
+    gateway = GatewayProcess(gateway_config(ledger={"url": "sqlite:///./ledger.db"}), tmp_path).start()
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "user": "u-relative"}
+        answer = httpx.post(gateway.url + "/v1/openai/chat/completions", json=body, headers=auth_headers())
+        assert answer.status_code == 200
+    finally:
+        gateway.stop()  # a graceful stop writes every row
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(main, ["usage", "--config", str(gateway.config_path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [row["user"] for row in json.loads(result.output)["data"]] == ["u-relative"]
+    assert list(elsewhere.iterdir()) == []
+
+
+READ_COMMANDS = [["usage"], ["keys", "list"], ["keys", "revoke", "someone"]]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_commands_that_read_never_create_a_ledger_file(tmp_path: Path, command: list[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("ledger:\n  url: sqlite:///./absent.db\n")
+    result = CliRunner().invoke(main, [*command, "--config", str(config)])
+    assert result.exit_code == 4
+    assert f"no ledger file at {tmp_path / 'absent.db'}" in result.output
+    assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_commands_that_read_never_create_tables(tmp_path: Path, backend: str, command: list[str]) -> None:
+    with ledger_database(backend, tmp_path) as url:
+        if backend == "sqlite":
+            Path(url.removeprefix("sqlite:///")).touch()  # a file, but no ledger in it
+        config = tmp_path / "config.yaml"
+        config.write_text(f"ledger:\n  url: {url}\n")
+        result = CliRunner().invoke(main, [*command, "--config", str(config)])
+        assert result.exit_code == 4
+        assert "lacks the gateway's tables" in result.output and "gateway serve" in result.output
+        engine = create_engine(sqlalchemy_url(url))
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+
+
+def test_a_ledger_that_cannot_be_opened_is_named_without_its_password(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ledger:\n  url: {POSTGRES.replace('//postgres@', '//postgres:hunter2@')}/gw_absent\n")
+    result = CliRunner().invoke(main, ["usage", "--config", str(config)])
+    assert result.exit_code == 4 and "cannot open the ledger at postgresql://postgres:***@" in result.output
+    assert "hunter2" not in result.output

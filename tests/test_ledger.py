@@ -107,8 +107,8 @@ def test_a_batch_of_any_size_is_written_whole(ledger: Ledger, size: int) -> None
     assert ledger.usage("key")[0].cost_nanos == size * (size - 1) // 2
 
 
-def test_the_writer_books_everything_queued_before_close(ledger: Ledger) -> None:
-    writer = LedgerWriter(ledger, batch_size=7)
+def test_the_writer_books_everything_queued_before_close(ledger: Ledger, tmp_path: Path) -> None:
+    writer = LedgerWriter(ledger, spill_dir=tmp_path / "spill", batch_size=7)
     writer.start()
     for cost in range(100):
         writer.book(row(cost_nanos=cost))

@@ -246,3 +246,31 @@ def wait_until(condition: Any, within_s: float = 1.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"not within {within_s} s"
         time.sleep(0.05)
+
+
+def test_workers_end_with_their_supervisor_and_free_the_port(tmp_path: Path) -> None:
+    """A supervisor killed outright cannot stop its workers: they end on their own (the kernel sends
+    them SIGTERM), so a gateway started in its place can bind the port (one worker binds it without
+    SO_REUSEPORT: a worker left behind would make that fail)."""
+    first = GatewayProcess(gateway_config(server={"workers": 2}), tmp_path).start()
+    workers = first.worker_pids()
+    assert len(workers) == 2
+    assert first.process is not None
+    first.process.kill()
+    first.stop()
+    wait_until(lambda: not any(is_running(pid) for pid in workers), within_s=10)
+    port = int(first.url.rsplit(":", 1)[1])
+    second = GatewayProcess(gateway_config(), tmp_path).start(port=port)
+    try:
+        assert httpx.get(second.url + "/healthz").status_code == 200
+    finally:
+        second.stop()
+
+
+def is_running(pid: int) -> bool:
+    """Neither gone nor a zombie (an ended process its new parent has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -111,17 +111,82 @@ def test_a_stream_longer_than_the_client_timeout_is_not_cut(guarded: GatewayProc
     assert response.content.count(b'"content":') >= 20  # 20 tokens at 20 a second: a second long
 
 
-def test_a_huge_trailer_is_cut_like_a_huge_head(guarded: GatewayProcess) -> None:
-    """Trailers come after the body: the request is cut (the app sees the caller leave)."""
+def test_a_huge_trailer_is_431_and_booked_as_the_caller_leaving(guarded: GatewayProcess) -> None:
+    """Trailers come after the body: the caller gets 431, and the app sees the caller leave."""
     request_id = f"trailer-{time.monotonic_ns()}"
-    head = (
+    trailer = b"0\r\nX-T: " + b"a" * 16 * MAX_HEAD_BYTES + b"\r\n\r\n"
+    status, error = error_of(exchange(guarded, chunked_chat_head(request_id) + b"2\r\n{}\r\n" + trailer))
+    assert status == 431 and error["code"] == "request_header_fields_too_large"
+    assert wait_for_row(guarded, request_id)["outcome"] == "client_disconnected"
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def chunked_chat_head(request_id: str) -> bytes:
+    return (
         b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
         b"x-request-id: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % (CALLER_KEY.encode(), request_id.encode())
     )
-    trailer = b"0\r\nX-T: " + b"a" * 16 * MAX_HEAD_BYTES + b"\r\n\r\n"
-    assert exchange(guarded, head + b"2\r\n{}\r\n" + trailer) == b""
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param(b"zz\r\n{}\r\n0\r\n\r\n", id="a chunk size that is not hex"),
+        pytest.param(b"2\r\n{}  \r\n0\r\n\r\n", id="a chunk longer than its size"),
+        pytest.param(b"2\r\n{}\r\ngarbage\r\n", id="garbage after a chunk"),
+    ],
+)
+def test_broken_chunked_framing_is_400_and_booked_as_the_caller_leaving(
+    guarded: GatewayProcess, framing: bytes
+) -> None:
+    request_id = f"chunks-{time.monotonic_ns()}"
+    status, error = error_of(exchange(guarded, chunked_chat_head(request_id) + framing))
+    assert status == 400 and error["code"] == "invalid_http" and error["type"] == "invalid_request_error"
     assert wait_for_row(guarded, request_id)["outcome"] == "client_disconnected"
-    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def test_a_head_over_the_limit_in_one_read_is_431(guarded: GatewayProcess) -> None:
+    """One send of 100 KB: the whole head is parsed in one read (uvloop reads up to 256 KiB)."""
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES + 30_000) + b"\r\n\r\n"
+    assert error_of(exchange(guarded, big))[0] == 431
+    many = b"".join(b"X-H%05d: %s\r\n" % (n, b"v" * 50) for n in range(1_500))  # 90 KB of short headers
+    assert error_of(exchange(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"))[0] == 431
+
+
+def test_a_pipelined_head_over_the_limit_is_431_after_the_answer_before_it(guarded: GatewayProcess) -> None:
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES + 30_000) + b"\r\n\r\n"
+    answer = exchange(guarded, first + second)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert error_of(answer[answer.index(b"HTTP/1.1 431") :])[1]["code"] == "request_header_fields_too_large"
+
+
+def test_a_pipelined_head_over_the_limit_across_two_reads_is_431(guarded: GatewayProcess) -> None:
+    """The head begins behind another request in one read and ends in the next: neither read holds
+    64 KiB of it, the head does."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    half = b"a" * (MAX_HEAD_BYTES * 5 // 8)
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + half)
+        answer = connection.recv(65536)  # the first answer: the gateway has read what came before it
+        assert answer.startswith(b"HTTP/1.1 200")
+        connection.sendall(half + b"\r\n\r\n")
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert b"HTTP/1.1 431" in answer
+
+
+def test_bytes_that_are_not_http_after_a_request_are_400_after_its_answer(guarded: GatewayProcess) -> None:
+    body = json.dumps(chat()).encode()
+    request = (
+        b"POST /v1/openai/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (CALLER_KEY.encode(), len(body), body)
+    )
+    answer = exchange(guarded, request + b"NOT HTTP AT ALL\r\n\r\n")  # returns once the gateway closes
+    assert answer.startswith(b"HTTP/1.1 200") and b'"chat.completion"' in answer
+    assert error_of(answer[answer.index(b"HTTP/1.1 400") :])[1]["code"] == "invalid_http"
 
 
 def test_a_pipelined_request_whose_body_stops_is_cut_too(guarded: GatewayProcess) -> None:

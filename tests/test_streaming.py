@@ -164,9 +164,9 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(cuts=st.lists(st.integers(min_value=0), max_size=40), withhold=st.booleans())
 def test_tap_output_is_independent_of_how_reads_are_cut(cuts: list[int], withhold: bool) -> None:
     for stream in (TRICKY_STREAM, OPENAI_STYLE_STREAM):
-        whole = StreamTap(withhold_usage_only=withhold)
+        whole = StreamTap(withhold_usage_only=withhold, max_event_bytes=1 << 20)
         whole.feed(stream)
-        tap = StreamTap(withhold_usage_only=withhold)
+        tap = StreamTap(withhold_usage_only=withhold, max_event_bytes=1 << 20)
         sent = [tap.feed(piece) for piece in _split(stream, cuts)]
         out = b"".join(sent) + tap.rest()
         expected = stream.replace(USAGE_ONLY, b"") if withhold else stream
@@ -202,7 +202,7 @@ def test_tap_reads_events_with_any_line_ends(
         for event, (line, blank) in zip(OPENAI_STYLE_WRITES, ends, strict=True)
     ]
     stream = b"".join(events)
-    tap = StreamTap(withhold_usage_only=withhold)
+    tap = StreamTap(withhold_usage_only=withhold, max_event_bytes=1 << 20)
     sent = [tap.feed(piece) for piece in _split(stream, cuts)]
     kept = [event for event in events if not (withhold and event.startswith(USAGE_ONLY[:-2]))]
     assert b"".join(sent) + tap.rest() == b"".join(kept)

@@ -41,10 +41,13 @@ def test_upstream_json_errors_are_relayed_with_their_status(
 
 
 def test_an_error_body_orjson_refuses_is_still_relayed(client: httpx.Client) -> None:
-    """Valid JSON is relayed as JSON, even the kind orjson refuses (a lone surrogate escape)."""
+    """Valid JSON is relayed as JSON, even the kind orjson refuses (a lone surrogate escape), and
+    completed to OpenAI's shape like any other error that lacks `param` and `code`."""
     response = client.post(CHAT_PATH, json=chat("scenario:error_only_stdlib_reads"))
     assert response.status_code == 400
-    assert response.content == b'{"error": {"message": "bad \\ud800", "type": "invalid_request_error"}}'
+    assert response.content == (
+        b'{"error":{"message":"bad \\ud800","type":"invalid_request_error","param":null,"code":null}}'
+    )
 
 
 def test_an_upstream_error_quoting_the_token_does_not_show_it(client: httpx.Client) -> None:

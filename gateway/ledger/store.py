@@ -8,6 +8,7 @@ synchronous: the request path never calls it; the writer thread and `asyncio.to_
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ _GROUP_COLUMNS = {
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_416_501  # PostgreSQL advisory lock: one instance migrates at a time
 NANOS_PER_USD = Decimal(1_000_000_000)
+# A PostgreSQL that drops packets instead of refusing them would hold a connect (and every row behind
+# it) for the system's TCP timeout, minutes; after this many seconds the writer spills instead.
+_POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,29 @@ _ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))
 # under load. 256 rows x 19 parameters stays well under SQLite's 32,766 and PostgreSQL's 65,535.
 _ROWS_PER_INSERT = (256, 64, 16, 4, 1)
 _row_values = attrgetter(*_ROW_FIELDS)  # dataclasses.asdict deep-copies: too slow for thousands of rows
+
+
+_PING_ROW = LedgerRow(
+    row_id="ping",
+    request_id="ping",
+    ts_us=0,
+    day="1970-01-01",
+    key_name="ping",
+    user=None,
+    model=None,
+    stream=False,
+    outcome="ok",
+    status=200,
+    prompt_tokens=0,
+    completion_tokens=0,
+    total_tokens=0,
+    cost_nanos=0,
+    usage_source="none",
+    cost_source="none",
+    latency_us=0,
+    ttfb_us=None,
+    service_tier=None,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +140,40 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+FileIdentity = tuple[int, int]  # (st_dev, st_ino): which file a path names
+
+
 class Ledger:
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(sqlalchemy_url(url), pool_pre_ping=True)
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        is_sqlite = sqlalchemy_url(url).startswith("sqlite")
+        connect_args = {} if is_sqlite else {"connect_timeout": _POSTGRES_CONNECT_TIMEOUT_S}
+        self.engine: Engine = create_engine(
+            sqlalchemy_url(url), pool_pre_ping=True, connect_args=connect_args
+        )
+        self.is_sqlite = is_sqlite
+        database = self.engine.url.database
+        # The SQLite file, watched by the writer: a path that names another file (or none) is noticed.
+        self.sqlite_path = Path(database) if is_sqlite and database and database != ":memory:" else None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         marker = "?" if self.is_sqlite else "%s"
         self._insert_sql = {rows: _insert_sql(rows, marker) for rows in _ROWS_PER_INSERT}
 
     def close(self) -> None:
+        self.engine.dispose()
+
+    def file_identity(self) -> FileIdentity | None:
+        """SQLite: the file its path names now (None: no file there). PostgreSQL: always None."""
+        if self.sqlite_path is None:
+            return None
+        try:
+            found = os.stat(self.sqlite_path)
+        except FileNotFoundError:
+            return None
+        return (found.st_dev, found.st_ino)
+
+    def reopen(self) -> None:
+        """Close every pooled connection: the next ones open whatever file the path names now."""
         self.engine.dispose()
 
     def migrate(self) -> None:
@@ -136,8 +187,14 @@ class Ledger:
             alembic.command.upgrade(config, "head")
 
     def ping(self) -> None:
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        """Raise unless the database takes a row now: a valid row inserted, then rolled back.
+
+        More than `SELECT 1`: a missing table or a revoked INSERT is the database failing, not the
+        rows. The writer asks after a batch failed, to tell a refused row from an unavailable ledger.
+        """
+        with self.engine.connect() as connection, connection.begin() as transaction:
+            connection.exec_driver_sql(self._insert_sql[1], _row_values(_PING_ROW))
+            transaction.rollback()
 
     def insert(self, rows: Sequence[LedgerRow]) -> None:
         """Write rows in one transaction; rows already written (a retried batch) are skipped."""

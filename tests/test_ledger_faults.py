@@ -1,0 +1,226 @@
+"""Rows the database refuses, a full queue, spill files left behind: a real LedgerWriter over a real
+ledger, on both backends.
+
+A refused row is set aside in the dead-letter file (and counted); the rows around it are written;
+the writer goes on. A row booked when the queue is full is lost, counted and logged, never waited for.
+Spill files of writers no longer alive are replayed by the next writer; a live writer's are not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.ledger.spill import DEAD_LETTER_FILE, SpillFile, encode_row
+from gateway.ledger.store import Ledger, LedgerRow
+from gateway.ledger.writer import LedgerWriter
+from gateway.metrics import Metrics
+from tests.ledgers import BACKENDS, ledger_database
+
+NOV_25 = 1_795_564_800_000_000
+
+# Each poison value, and the backends that refuse it (SQLite stores any text of any length).
+POISON: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "lone surrogate in user": ({"user": "Zo\ud83d"}, BACKENDS),
+    "lone surrogate in model": ({"model": "m\udc80"}, BACKENDS),
+    "lone surrogate in key_name": ({"key_name": "\ud800alice"}, BACKENDS),
+    "NUL in user": ({"user": "a\x00b"}, ("postgresql",)),
+    "10,000-character user": ({"user": "u" * 10_000}, ("postgresql",)),
+    "300-character request id": ({"request_id": "r" * 300}, ("postgresql",)),
+    "2^70 prompt tokens": ({"prompt_tokens": 2**70}, BACKENDS),
+    "2^64 cost": ({"cost_nanos": 2**64}, BACKENDS),
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Ledger]]:
+    with ledger_database(request.param, tmp_path) as url:
+        ledger = Ledger(url)
+        ledger.migrate()
+        yield request.param, ledger
+        ledger.close()
+
+
+def row(**fields: Any) -> LedgerRow:
+    values: dict[str, Any] = {
+        "row_id": uuid.uuid4().hex,
+        "request_id": uuid.uuid4().hex,
+        "ts_us": NOV_25,
+        "day": "2026-11-25",
+        "key_name": "alice",
+        "user": None,
+        "model": "m",
+        "stream": False,
+        "outcome": "ok",
+        "status": 200,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "cost_nanos": 0,
+        "usage_source": "upstream",
+        "cost_source": "upstream",
+        "latency_us": 1,
+        "ttfb_us": None,
+        "service_tier": None,
+    }
+    values.update(fields)
+    return LedgerRow(**values)
+
+
+def metric(metrics: Metrics, name: str) -> float:
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no metric {name}")
+
+
+def dead_letters(spill_dir: Path) -> list[dict[str, Any]]:
+    path = spill_dir / DEAD_LETTER_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> None:
+    """Poll the writer thread's work, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("poison", POISON)
+def test_a_refused_row_is_set_aside_and_the_rows_around_it_are_written(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path, poison: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, ledger = backend_ledger
+    fields, refused_on = POISON[poison]
+    metrics = Metrics(models=["m"], user_labels=False)
+    spill_dir = tmp_path / "spill"
+    writer = LedgerWriter(ledger, spill_dir=spill_dir, observer=metrics, linger_s=0.01)
+    writer.start()
+    bad = row(**fields)
+    good = [row(cost_nanos=cost) for cost in range(1, 101)]
+    for booked in [*good[:50], bad, *good[50:]]:  # one batch: the bad row in the middle
+        writer.book(booked)
+    refused = backend in refused_on
+    within(10, lambda: ledger.count_rows() == (100 if refused else 101))
+
+    after = [row(cost_nanos=1000), row(cost_nanos=2000)]  # the writer goes on
+    for booked in after:
+        writer.book(booked)
+    within(10, lambda: ledger.count_rows() == (102 if refused else 103))
+    assert writer.state == "ok" and writer.depth == 0 and writer.spilled_rows == 0
+    writer.close()
+
+    assert ledger.usage("key")[0].cost_nanos == sum(range(1, 101)) + 3000 + (0 if refused else bad.cost_nanos)
+    set_aside = dead_letters(spill_dir)
+    if refused:
+        assert [entry["row"]["row_id"] for entry in set_aside] == [bad.row_id]
+        assert LedgerRow(**set_aside[0]["row"]) == bad  # kept whole: a lone surrogate, 2^70 too
+        assert metric(metrics, "gateway_ledger_rows_dead_lettered_total") == 1
+        logged = [r.getMessage() for r in caplog.records if "refused by the database" in r.getMessage()]
+        assert len(logged) == 1 and bad.row_id in logged[0] and bad.request_id[:190] in logged[0]
+    else:
+        assert set_aside == [] and metric(metrics, "gateway_ledger_rows_dead_lettered_total") == 0
+        assert next(r for r in ledger.rows() if r["row_id"] == bad.row_id)["user"] == bad.user
+    assert metric(metrics, "gateway_ledger_rows_spilled_total") == 0
+
+
+def test_many_refused_rows_in_one_batch_are_all_found(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path
+) -> None:
+    """Bisecting finds every bad row of a big batch; each good one is written exactly once."""
+    _, ledger = backend_ledger
+    spill_dir = tmp_path / "spill"
+    writer = LedgerWriter(ledger, spill_dir=spill_dir, linger_s=0.05)
+    writer.start()
+    bad_rows = {index: row(user="\udfff", cost_nanos=7) for index in (0, 13, 14, 500, 2999)}
+    booked = [bad_rows.get(index) or row(cost_nanos=index) for index in range(3000)]
+    for each in booked:
+        writer.book(each)
+    writer.close()
+    good = [each for each in booked if each not in bad_rows.values()]
+    assert ledger.count_rows() == len(good)
+    assert ledger.usage("key")[0].cost_nanos == sum(each.cost_nanos for each in good)
+    assert sorted(e["row"]["row_id"] for e in dead_letters(spill_dir)) == sorted(
+        each.row_id for each in bad_rows.values()
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_full_queue_loses_rows_counted_and_logged_without_waiting(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer is not running yet: nothing leaves the queue, as when it is stuck."""
+    _, ledger = backend_ledger
+    metrics = Metrics(models=["m"], user_labels=False)
+    clock = Clock()
+    writer = LedgerWriter(
+        ledger, spill_dir=tmp_path / "spill", observer=metrics, max_queued_rows=10, clock=clock
+    )
+    caplog.set_level(logging.ERROR, "gateway.ledger")
+    for cost in range(25):
+        writer.book(row(cost_nanos=cost))  # never blocks: rows 10..24 are lost
+    assert writer.depth == 10
+    assert metric(metrics, "gateway_ledger_rows_lost_total") == 15
+    lost_lines = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(lost_lines) == 1 and "1 booked rows lost" in lost_lines[0]  # rate-limited: once, at first
+
+    clock.now += 10  # the next report, with the count since the last one
+    writer.book(row())
+    lost_lines = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(lost_lines) == 2 and "15 booked rows lost" in lost_lines[1]
+
+    writer.start()
+    writer.close()
+    assert ledger.count_rows() == 10 and ledger.usage("key")[0].cost_nanos == sum(range(10))
+
+
+def test_spill_files_of_dead_writers_are_replayed_and_a_live_writers_is_left_alone(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path
+) -> None:
+    """A killed writer's file (torn last line and all) is claimed at start; a locked one is not."""
+    _, ledger = backend_ledger
+    spill_dir = tmp_path / "spill"
+    dead, live = SpillFile(spill_dir), SpillFile(spill_dir)
+    dead_rows, live_rows = [row(cost_nanos=1), row(cost_nanos=2), row(cost_nanos=3)], [row(cost_nanos=40)]
+    dead.append(dead_rows[:2])
+    assert dead.path is not None
+    with dead.path.open("ab") as file:
+        file.write(b"not a row\n")  # a complete line that is not a row: set aside
+    dead.append(dead_rows[2:])
+    with dead.path.open("ab") as file:
+        file.write(encode_row(row(cost_nanos=1000))[:30])  # the torn tail of a write cut by a kill
+    dead.release()  # its process is gone: the lock with it
+    live.append(live_rows)  # its process lives: it holds the lock
+
+    writer = LedgerWriter(ledger, spill_dir=spill_dir)
+    writer.start()
+    writer.close()
+    assert ledger.count_rows() == 3 and ledger.usage("key")[0].cost_nanos == 6
+    assert [entry["line"] for entry in dead_letters(spill_dir)] == ["not a row"]
+    assert sorted(spill_dir.glob("spill-*.jsonl")) == [live.path]
+
+    live.release()
+    writer = LedgerWriter(ledger, spill_dir=spill_dir)
+    writer.start()
+    writer.close()
+    assert ledger.count_rows() == 4 and ledger.usage("key")[0].cost_nanos == 46
+    assert list(spill_dir.glob("spill-*.jsonl")) == []
