@@ -13,7 +13,7 @@
     ├── UpstreamUnavailable  502  upstream unreachable, or it answered garbage
     ├── Overloaded           503  no room now (request bodies in memory, file descriptors)
     ├── ShuttingDown         503  the server's shutdown grace ran out
-    └── UpstreamTimeout      504  no byte from upstream for read_timeout_s
+    └── UpstreamTimeout      504  no byte for read_timeout_s, or no whole answer by total_timeout_s
 
 Messages never carry a secret: they are written here or in the validator, never copied from an
 exception of the HTTP client.
