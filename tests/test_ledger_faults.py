@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from gateway.ledger.store import Ledger, LedgerRow
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import Metrics
 from tests.ledgers import BACKENDS, ledger_database
+from tests.test_ledger import row
 
 NOV_25 = 1_795_564_800_000_000
 
@@ -47,32 +47,6 @@ def backend_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
         ledger.migrate()
         yield request.param, ledger
         ledger.close()
-
-
-def row(**fields: Any) -> LedgerRow:
-    values: dict[str, Any] = {
-        "row_id": uuid.uuid4().hex,
-        "request_id": uuid.uuid4().hex,
-        "ts_us": NOV_25,
-        "day": "2026-11-25",
-        "key_name": "alice",
-        "user": None,
-        "model": "m",
-        "stream": False,
-        "outcome": "ok",
-        "status": 200,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "total_tokens": 0,
-        "cost_nanos": 0,
-        "usage_source": "upstream",
-        "cost_source": "upstream",
-        "latency_us": 1,
-        "ttfb_us": None,
-        "service_tier": None,
-    }
-    values.update(fields)
-    return LedgerRow(**values)
 
 
 def metric(metrics: Metrics, name: str) -> float:
