@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ab.py --base 568f579 [--rounds 4] [--duration 8]
 
-The machine's speed drifts by tens of percent between runs (see the README's runs N-P), far more
+The machine's speed drifts by tens of percent between runs (see docs/performance.md, runs N-P), far more
 than most changes cost. So both versions, and the minimal proxy as a yardstick of the machine, run
 in turns in one session against one nginx: base, head, minimal, then head, base, minimal, ... Each
 turn measures the throughput case (32 connections, instant upstream: req/s and CPU per request) and

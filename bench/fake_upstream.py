@@ -33,7 +33,7 @@ _WORDS = REPLY_CONTENT.split()
 
 
 def completion() -> dict[str, object]:
-    """The non-streamed reply, shaped like DeepInfra's sample in shared/UPSTREAM.md."""
+    """The non-streamed reply, shaped like DeepInfra's documented sample."""
     return {
         "id": REPLY_ID,
         "object": "chat.completion",

@@ -1,4 +1,4 @@
-"""The floor from shared/PERF.md: the least a FastAPI proxy on aiohttp can do, to compare the gateway with.
+"""The floor of docs/performance.md: the least a FastAPI proxy on aiohttp can do, to compare the gateway with.
 
 It reads the body, parses it with `orjson.loads`, checks one field (`model` is a string), forwards the
 raw bytes with one shared `aiohttp.ClientSession`, and relays the answer: a JSON body whole, a stream

@@ -190,7 +190,7 @@ def _percent_over(value: float | None, base: float | None) -> float | None:
 
 
 def targets(derived: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of shared/PERF.md that one run can check, each with its figure and verdict."""
+    """The targets (docs/performance.md) that one run can check, each with its figure and verdict."""
     added = derived["gateway_added_ms"]
     ratio = derived["gateway_over_minimal_added_c32"]
     ttfb, total = derived["sse_ttfb_over_direct_ms"], derived["sse_total_over_direct_pct"]
@@ -307,7 +307,7 @@ def _derived_lines(derived: dict[str, Any]) -> list[str]:
 
 
 def _target_lines(checks: list[dict[str, Any]]) -> list[str]:
-    lines = ["targets (shared/PERF.md):"]
+    lines = ["targets (docs/performance.md):"]
     for check in checks:
         value = _fmt(check["value"], "{:.2f}")
         lines.append(f"  {check['verdict']:<7} {check['target']:<44} {value:>8}  (target {check['limit']})")

@@ -7,6 +7,9 @@ Upstream's usage is checked before it is believed: token counts must be JSON int
 MAX_TOKENS, a cost a finite number from 0 to MAX_COST_USD. What fails is not booked; the gateway
 estimates the tokens (or prices upstream's tokens from the table) and the row says so. Every text a
 row takes from a caller or an upstream is clipped to its column and made storable (`storable`).
+
+Booking is the last stage of the request path: the stages record what happened in `Facts` as they
+go, and `outcome_of` decides from those, once, how the request ended.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ import re
 import time
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Literal, TypeGuard
 
+from sqlalchemy import String
+
+from gateway.asgi import ResponseSend
 from gateway.config import ModelConfig
+from gateway.errors import GatewayError, Overloaded, UpstreamTimeout
 from gateway.ids import new_id
+from gateway.ledger.schema import requests
 from gateway.ledger.store import NANOS_PER_USD, LedgerRow, usd
+
+# How a request ended: the ledger's `outcome` column.
+Outcome = Literal["ok", "rejected", "upstream_error", "timeout", "client_disconnected", "shutdown", "error"]
+CALLER_LEFT_STATUS = 499  # booked for a caller that hung up (nginx's code; nobody receives it)
 
 MILLION = Decimal(1_000_000)
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for Llama-family tokenizers on English text
@@ -30,13 +42,22 @@ CHARS_PER_TOKEN = 4  # the usual rule of thumb for Llama-family tokenizers on En
 MAX_TOKENS = 10**9
 MAX_COST_USD = 10
 UNKNOWN_MODEL = "unknown"  # what a row books for a model the gateway does not serve
-# The lengths of the ledger's text columns (gateway/ledger/schema.py), in characters.
-REQUEST_ID_CHARS = 200
-KEY_NAME_CHARS = 200
-USER_CHARS = 500
-MODEL_CHARS = 500
-SERVICE_TIER_CHARS = 64
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL (PostgreSQL refuses it) and lone surrogates
+
+
+def column_chars(name: str) -> int:
+    """The length of one of the ledger's text columns, in characters, as the schema declares it."""
+    column_type = requests.c[name].type
+    assert isinstance(column_type, String) and column_type.length is not None, name
+    return column_type.length
+
+
+REQUEST_ID_CHARS = column_chars("request_id")
+KEY_NAME_CHARS = column_chars("key_name")
+USER_CHARS = column_chars("user")
+MODEL_CHARS = column_chars("model")
+SERVICE_TIER_CHARS = column_chars("service_tier")
+# What no text column takes: NUL (PostgreSQL refuses it) and lone UTF-16 surrogates (no UTF-8 for them).
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def cost_usd(model: ModelConfig, prompt_tokens: int, completion_tokens: int) -> Decimal:
@@ -124,12 +145,67 @@ def storable(text: str, max_chars: int) -> str:
         text = text[:max_chars]
     if text.isascii():  # the usual case: one scan in C, and no copy
         return text.replace("\x00", "\ufffd") if "\x00" in text else text
-    return _UNSTORABLE.sub("\ufffd", text)
+    return UNSTORABLE.sub("\ufffd", text)
+
+
+@dataclass(slots=True)
+class Facts:
+    """What the stages of one request recorded as it went: how it ended is decided from these
+    (`outcome_of`), and what it used is booked from them."""
+
+    error: Exception | None = None  # the gateway's own error answer (or ending a stream), or a bug
+    caller_left: bool = False  # the caller hung up before its response was complete
+    shutdown: bool = False  # the server's cancel (its shutdown grace ran out) cut the response short
+    upstream_status: int | None = None  # upstream's answer was relayed with this status
+    stream_done: bool = False  # the stream reached [DONE]
+    upstream_answered: bool = False  # upstream began an answer that may be billed
+    usage: dict[str, Any] | None = None
+    usage_estimated: bool = False
+    cost_added: bool = False  # the gateway filled in estimated_cost from the price table
+    content_chunks: int = 0
+    first_byte_at: float | None = None
+    service_tier: Any = None
+
+
+def outcome_of(facts: Facts) -> Outcome:
+    """How a request ended, from what happened (the first that applies, in this order)."""
+    if facts.caller_left:  # a stream the caller had whole, [DONE] included, is a success all the same
+        return "ok" if facts.stream_done else "client_disconnected"
+    if facts.shutdown:
+        return "shutdown"
+    if facts.error is not None:
+        return _outcome_of_error(facts.error)
+    if facts.stream_done:
+        return "ok"
+    if facts.upstream_status is not None:
+        return "ok" if facts.upstream_status < 400 else "upstream_error"
+    return "error"
+
+
+def _outcome_of_error(error: Exception) -> Outcome:
+    if not isinstance(error, GatewayError):
+        return "error"  # a bug, not a request problem
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, Overloaded) or error.status < 500:  # refused: nothing billable went upstream
+        return "rejected"
+    return "upstream_error"
+
+
+def booked_status(outcome: Outcome, facts: Facts, sent: ResponseSend) -> int:
+    """The status the caller got (499 if it hung up first)."""
+    if outcome == "client_disconnected":
+        return CALLER_LEFT_STATUS
+    if sent.started:
+        return sent.status
+    if isinstance(facts.error, GatewayError):  # its answer could not be sent
+        return facts.error.status
+    return 503 if outcome == "shutdown" else 500
 
 
 @dataclass(slots=True)
 class Booking:
-    """What the pipeline learned about one request, made into its ledger row when it ends."""
+    """Who sent a request and what it asked for, made into its ledger row when it ends."""
 
     request_id: str
     key_name: str
@@ -138,13 +214,15 @@ class Booking:
     body: dict[str, Any] | None = None
     model: ModelConfig | None = None
 
-    def row(self, result: Outcome) -> LedgerRow:
-        prompt, completion, usage_source = self._tokens(result)
-        cost, cost_source = self._cost(result, usage_source, prompt, completion)
+    def row(self, facts: Facts, sent: ResponseSend) -> LedgerRow:
+        outcome = outcome_of(facts)
+        status = booked_status(outcome, facts, sent)
+        prompt, completion, usage_source = self._tokens(facts)
+        cost, cost_source = self._cost(facts, usage_source, prompt, completion)
         body = self.body or {}
         user = body.get("user")
-        tier = result.service_tier
-        finished = result.finished_at or time.monotonic()  # not counting a drain after the answer
+        tier = facts.service_tier
+        finished = sent.finished_at or time.monotonic()  # not counting a drain after the answer
         return LedgerRow(
             row_id=new_id(self.wall_us),
             request_id=storable(self.request_id, REQUEST_ID_CHARS),
@@ -152,10 +230,10 @@ class Booking:
             day=utc_day(self.wall_us),
             key_name=storable(self.key_name, KEY_NAME_CHARS),
             user=storable(user, USER_CHARS) if isinstance(user, str) else None,
-            model=self._model_name(body.get("model"), result.status),
+            model=self._model_name(body.get("model"), status),
             stream=body.get("stream") is True,
-            outcome=result.outcome,
-            status=result.status,
+            outcome=outcome,
+            status=status,
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,  # upstream's own total is not booked: rows add up
@@ -164,8 +242,8 @@ class Booking:
             cost_source=cost_source,
             latency_us=int((finished - self.started) * 1_000_000),
             ttfb_us=None
-            if result.first_byte_at is None
-            else int((result.first_byte_at - self.started) * 1_000_000),
+            if facts.first_byte_at is None
+            else int((facts.first_byte_at - self.started) * 1_000_000),
             service_tier=storable(tier, SERVICE_TIER_CHARS) if isinstance(tier, str) else None,
         )
 
@@ -178,21 +256,21 @@ class Booking:
             return None
         return UNKNOWN_MODEL if status == 404 else storable(named, MODEL_CHARS)
 
-    def _tokens(self, result: Outcome) -> tuple[int, int, str]:
-        tokens = believed_tokens(result.usage)
+    def _tokens(self, facts: Facts) -> tuple[int, int, str]:
+        tokens = believed_tokens(facts.usage)
         if tokens is not None:
-            return *tokens, "estimated" if result.usage_estimated else "upstream"
-        if result.upstream_answered and self.body is not None:
+            return *tokens, "estimated" if facts.usage_estimated else "upstream"
+        if facts.upstream_answered and self.body is not None:
             # Upstream never said, or not believably (a stream cut or left, absurd counts): what the
             # caller was sent, one token a chunk.
-            return estimate_prompt_tokens(self.body), result.content_chunks, "estimated"
+            return estimate_prompt_tokens(self.body), facts.content_chunks, "estimated"
         return 0, 0, "none"
 
-    def _cost(self, result: Outcome, usage_source: str, prompt: int, completion: int) -> tuple[int, str]:
+    def _cost(self, facts: Facts, usage_source: str, prompt: int, completion: int) -> tuple[int, str]:
         if usage_source == "none" or self.model is None:
             return 0, "none"
-        if usage_source == "upstream" and result.usage is not None and not result.cost_added:
-            upstream = upstream_cost_nanos(result.usage.get("estimated_cost"))
+        if usage_source == "upstream" and facts.usage is not None and not facts.cost_added:
+            upstream = upstream_cost_nanos(facts.usage.get("estimated_cost"))
             if upstream is not None:
                 return upstream, "upstream"
         return nanos(cost_usd(self.model, prompt, completion)), "price_table"
@@ -210,18 +288,3 @@ def utc_day(wall_us: int) -> str:
 
 def _is_count(value: Any) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= MAX_TOKENS  # not a bool, not 5.0, not "5"
-
-
-class Outcome(Protocol):
-    """How a request ended, as the relay (or the pipeline, for a request that never got there) saw it."""
-
-    outcome: str
-    status: int
-    usage: dict[str, Any] | None
-    usage_estimated: bool
-    cost_added: bool
-    upstream_answered: bool
-    content_chunks: int
-    first_byte_at: float | None
-    finished_at: float | None
-    service_tier: Any

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.asgi import read_body, read_headers
 from gateway.auth import KeyStore
 from gateway.errors import Conflict, InvalidRequest, KeyMissing
+from gateway.ledger.schema import KEY_NAME_CHARS
 from gateway.ledger.store import KeyNameTaken, KeyNotFound, Ledger
 from gateway.reports import as_csv, as_daily_csv, as_daily_json, as_json, daily_query, usage_query
 from gateway.validate import parse_json_object
@@ -21,7 +22,6 @@ from gateway.validate import parse_json_object
 logger = logging.getLogger("gateway")
 
 ADMIN_PREFIX = "/admin"
-_NAME_LIMIT = 200
 _BODY_LIMIT = 64 * 1024  # an admin body is a few bytes of JSON
 
 
@@ -52,7 +52,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
     @api.post(f"{ADMIN_PREFIX}/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
         body = await read_body(request.receive, read_headers(request.scope).content_length, _BODY_LIMIT)
-        name = _key_name(parse_json_object(body).get("name"))
+        name = valid_key_name(parse_json_object(body).get("name"))
         if name in keys.static_names:
             raise Conflict(f"A key named {name!r} is defined in the config file.", param="name")
         try:
@@ -84,7 +84,7 @@ def add_admin_routes(api: FastAPI, ledger: Ledger, keys: KeyStore) -> None:
 
     @api.delete(f"{ADMIN_PREFIX}/keys/{{name:path}}")  # a name may hold a "/" (sent as %2F)
     async def revoke_key(name: str) -> dict[str, Any]:
-        name = _key_name(name)  # a NUL in the URL would reach the database otherwise
+        name = valid_key_name(name)  # a NUL in the URL would reach the database otherwise
         if name in keys.static_names:
             raise Conflict(f"The key {name!r} is defined in the config file; remove it there.", param="name")
         try:
@@ -115,11 +115,13 @@ def _check_format(format: str) -> None:
         raise InvalidRequest(f"format must be json or csv, got {format!r}", param="format")
 
 
-def _key_name(name: Any) -> str:
+def valid_key_name(name: Any) -> str:
+    """An issued key's name, checked (the admin API and `gateway keys create`): InvalidRequest if it
+    is not a non-blank, printable string that fits the ledger's column."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequest("name must be a non-empty string", param="name")
-    if len(name) > _NAME_LIMIT or not name.isprintable():
-        raise InvalidRequest(f"name must be printable and at most {_NAME_LIMIT} characters", param="name")
+    if len(name) > KEY_NAME_CHARS or not name.isprintable():
+        raise InvalidRequest(f"name must be printable and at most {KEY_NAME_CHARS} characters", param="name")
     return name
 
 

@@ -25,7 +25,6 @@ from starlette.requests import ClientDisconnect
 from gateway.admin import ADMIN_PREFIX, add_admin_routes, reload_issued_keys
 from gateway.asgi import (
     REQUEST_ID_HEADER,
-    RETRY_AFTER_S,
     BodyBudget,
     ClientGone,
     Message,
@@ -36,80 +35,89 @@ from gateway.asgi import (
     request_id_for,
     send_error,
 )
-from gateway.auth import AddressLimiter, AdminKey, FailedAuthentications, KeyStore, MetricsToken
+from gateway.auth import (
+    CALLER_STATE,
+    AddressLimiter,
+    Admin,
+    AdminKey,
+    Authenticator,
+    Caller,
+    FailedAuthentications,
+    KeyStore,
+    MetricsToken,
+)
 from gateway.chat import CHAT_PATHS, ChatCompletions
 from gateway.config import Config, load_config, redact_url
 from gateway.dashboard import ASSETS_PREFIX, PAGE_PATHS, add_dashboard_routes
 from gateway.errors import (
+    FrameworkHttpError,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
-    Unauthorized,
 )
 from gateway.http_guard import CONNECTIONS_CLOSED_STATE
 from gateway.ledger.store import Ledger
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.relay import Upstream
 from gateway.simulator import RunningSimulator, start_simulator
+from gateway.upstream import Upstream
 
 logger = logging.getLogger("gateway")
 
 # /metrics checks its own token; the dashboard's page and files carry no data (it asks the admin API).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 SIMULATOR_TOKEN = "simulator"  # not a secret: what the gateway sends its own simulator
+# Issued keys are read from the ledger this often: a key revoked anywhere stops working everywhere
+# within a second (the interval plus one read).
+KEY_REFRESH_INTERVAL_S = 0.4
+# At shutdown, requests the server cancelled at the end of its grace get this long to book their rows
+# before the ledger writer is closed (booking takes microseconds: this is a bound, not a wait).
+BOOKING_DRAIN_S = 5.0
 
 
 class GatewayApp:
-    """Sends the two chat completions paths to the hot-path handler and the rest to FastAPI.
+    """Authenticates every request outside OPEN_PATHS, then sends the two chat completions paths to
+    the hot-path handler and the rest to FastAPI.
 
-    Routes outside OPEN_PATHS (and the dashboard's files) need a gateway key; the check is here,
-    once, for every route FastAPI serves, so that no route can be added without it. (The chat
-    handler checks keys itself, as the first step of its pipeline.)
+    The one auth site of the gateway: no route can be added without a key check. Admin paths need
+    the admin key, every other path a gateway key; the chat handler gets the Caller as an argument,
+    FastAPI routes find it as `request.state.caller`.
     """
 
-    def __init__(
-        self,
-        chat: ChatCompletions,
-        api: FastAPI,
-        keys: KeyStore,
-        admin_key: AdminKey,
-        failures: FailedAuthentications,
-    ) -> None:
+    def __init__(self, chat: ChatCompletions, api: FastAPI, authenticator: Authenticator) -> None:
         self.chat = chat
         self.api = api
         self._api_with_request_id = RequestIdMiddleware(api)
-        self._keys = keys
-        self._admin_key = admin_key
-        self._failures = failures
+        self._authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in CHAT_PATHS:
-            await self.chat(scope, receive, send)
-        elif scope["type"] == "http" and not is_open(scope["path"]):
-            await self._authenticated(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self._api_with_request_id(scope, receive, send)
-
-    async def _authenticated(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Admin paths need the admin key; every other path a gateway key."""
-        headers = read_headers(scope)
-        admin = scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/")
-        try:
-            if admin:
-                self._admin_key.check(headers.the_authorization())
-            else:
-                self._keys.authenticate(headers.the_authorization())
-        except Unauthorized as error:
-            refusal = self._failures.refuse(error, scope.get("client"), "admin" if admin else "api")
-            await send_error(send, refusal, request_id_for(headers.request_id))
             return
-        except InvalidRequest as error:  # two Authorization headers
+        path = scope["path"]
+        chat = path in CHAT_PATHS
+        if not chat and is_open(path):
+            await self._api_with_request_id(scope, receive, send)
+            return
+        headers = read_headers(scope)
+        client = scope.get("client")
+        try:
+            if chat:
+                caller = self._authenticator.caller(headers, "chat", client)
+            elif path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+                identity: Caller | Admin = self._authenticator.admin(headers, client)
+            else:
+                identity = self._authenticator.caller(headers, "api", client)
+        except GatewayError as error:  # 401, 429 for an address failing too often, 400 for two headers
             await send_error(send, error, request_id_for(headers.request_id))
             return
-        await self._api_with_request_id(scope, receive, send)
+        if chat:
+            await self.chat(scope, receive, send, caller, headers)
+        else:
+            scope.setdefault("state", {})[CALLER_STATE] = identity
+            await self._api_with_request_id(scope, receive, send)
 
 
 def is_open(path: str) -> bool:
@@ -159,7 +167,7 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
         config.server.client_timeout_s,
         metrics.overloaded.labels("body_memory").inc,
     )
-    chat = ChatCompletions(config, keys, upstream, failures, bodies)
+    chat = ChatCompletions(config, upstream, bodies)
     ledger = Ledger(config.ledger.url)
     writer = LedgerWriter(
         ledger,
@@ -174,7 +182,7 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
         await reload_issued_keys(ledger, keys)
         writer.start()
         chat.books = writer
-        refresher = asyncio.create_task(_refresh_issued_keys(ledger, keys))
+        refresher = asyncio.create_task(_refresh_issued_keys(ledger, keys, KEY_REFRESH_INTERVAL_S))
         simulator: RunningSimulator | None = None
         if config.uses_simulator:
             simulator = await start_simulator(config.simulator, config.models)
@@ -185,7 +193,7 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
             yield {CONNECTIONS_CLOSED_STATE: metrics.connections_closed}
         finally:
             # Requests the server cancelled at the end of its grace period finish booking first.
-            await chat.drained(timeout_s=5)
+            await chat.drained(timeout_s=BOOKING_DRAIN_S)
             refresher.cancel()
             await asyncio.to_thread(writer.close)
             await upstream.close()
@@ -200,7 +208,8 @@ def create_app(config: Config, *, multiprocess_metrics: bool = False) -> Gateway
     _add_metrics_route(api, metrics, MetricsToken(_secret(config.secrets.metrics_token), failures))
     add_admin_routes(api, ledger, keys)
     add_dashboard_routes(api)
-    return GatewayApp(chat, api, keys, AdminKey(_secret(config.secrets.admin_key)), failures)
+    authenticator = Authenticator(keys, AdminKey(_secret(config.secrets.admin_key)), failures)
+    return GatewayApp(chat, api, authenticator)
 
 
 def app_from_environment() -> GatewayApp:
@@ -227,8 +236,8 @@ def open_ledger(ledger: Ledger, url: str) -> None:
         ) from None
 
 
-async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float = 0.4) -> None:
-    """Keep issued keys current: a key revoked anywhere stops working here within a second."""
+async def _refresh_issued_keys(ledger: Ledger, keys: KeyStore, interval_s: float) -> None:
+    """Keep issued keys current: read them from the ledger every `interval_s`."""
     failing = False
     while True:
         await asyncio.sleep(interval_s)
@@ -282,8 +291,8 @@ def _add_health_routes(api: FastAPI, config: Config, upstream: Upstream, writer:
 def _add_metrics_route(api: FastAPI, metrics: Metrics, token: MetricsToken) -> None:
     @api.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        authorization = request.headers.get("authorization")
-        token.check(authorization.encode("latin-1") if authorization is not None else None, request.client)
+        if token.required:  # one Authorization header, as on every route that takes a key
+            token.check(read_headers(request.scope).the_authorization(), request.client)
         body = await asyncio.to_thread(metrics.exposition)  # with workers, it reads their files
         return Response(body, media_type=CONTENT_TYPE)
 
@@ -313,9 +322,7 @@ def _add_error_handlers(api: FastAPI) -> None:
     """Every error the gateway answers itself is in OpenAI's error shape."""
 
     def render(error: GatewayError) -> JSONResponse:
-        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-        if error.status == 429:  # the gateway's own: too many failed authentications (/metrics)
-            headers = {"retry-after": RETRY_AFTER_S.decode()}
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in error.headers()}
         return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
     @api.exception_handler(GatewayError)
@@ -325,23 +332,12 @@ def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 405:
-            response = render(
-                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
-            )
-            if error.headers and "Allow" in error.headers:
-                response.headers["allow"] = error.headers["Allow"]
-            return response
+            allow = (error.headers or {}).get("Allow", "GET")
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+            return render(MethodNotAllowed(message, allow=allow))
         if error.status_code == 404:
             return render(NotFound(f"No route {request.method} {request.url.path}."))
-        body = {
-            "error": {
-                "message": str(error.detail),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=error.status_code)
+        return render(FrameworkHttpError(error.status_code, str(error.detail)))
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

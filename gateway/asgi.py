@@ -1,13 +1,15 @@
 """Plain-ASGI plumbing for the hot path: request headers, the body under a size limit and a memory
-budget shared by the requests of a worker, responses."""
+budget shared by the requests of a worker, the caller's hang-up as a scoped cancel, responses."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from gateway.errors import GatewayError, InvalidRequest, Overloaded, PayloadTooLarge
@@ -19,16 +21,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 REQUEST_ID_HEADER = b"x-request-id"
-# The gateway's own 429 (an address with too many failed authentications): one more attempt is
-# allowed within this many seconds (see auth.FailedAuthentications).
-RETRY_AFTER_S = b"1"
 _JSON = (b"content-type", b"application/json")
 # Printable ASCII, and no longer than the ledger's column: an id is booked, sent upstream and echoed.
 _VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,200}")
 
 
 class ClientGone(Exception):
-    """The caller hung up before the request body arrived."""
+    """The caller hung up before its response was complete (while its body arrived, or later)."""
 
 
 @dataclass(slots=True)
@@ -192,12 +191,97 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
 
 
+class ResponseSend:
+    """The ASGI `send` of one response, recording how far the response got: every later decision
+    (answer an error, end a stream with an error event, book the request) reads these flags.
+
+    A flag is set once the server took the message: uvicorn's `send` waits (for a slow reader) only
+    before it writes, so a send cut short by a cancel has written nothing."""
+
+    __slots__ = ("_send", "complete", "event_stream", "finished_at", "started", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.status = 0  # the status sent, once started
+        self.event_stream = False  # an SSE stream: begun, it can still end with an error event
+        self.complete = False
+        self.finished_at: float | None = None  # when the last body message went out
+
+    async def __call__(self, message: Message) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.started, self.status = True, message["status"]
+        elif not message.get("more_body", False):
+            self.complete, self.finished_at = True, time.monotonic()
+
+    async def start_event_stream(self, headers: list[tuple[bytes, bytes]]) -> None:
+        await self({"type": "http.response.start", "status": 200, "headers": headers})
+        self.event_stream = True
+
+
+class CallerWatch:
+    """Runs the body of an `async with` until it ends or the caller hangs up, whichever comes first,
+    as starlette's StreamingResponse races its response against `listen_for_disconnect`.
+
+    A task group holds a watcher that reads `receive`: when the caller hangs up before its response
+    is complete, the watcher raises ClientGone, the group cancels the body (that cancel belongs to
+    the group and ends with it), and ClientGone comes out of the `async with`. A caller that hangs
+    up once its response is complete has left nothing undone. With `delay_s`, the watcher starts
+    that much later, from a timer (a caller that left earlier is noticed then, at once): most plain
+    answers are back by then, and a timer costs far less than a task per request.
+    """
+
+    __slots__ = ("_delay_s", "_group", "_receive", "_response", "_timer", "_watcher")
+
+    def __init__(self, receive: Receive, response: ResponseSend, *, delay_s: float = 0.0) -> None:
+        self._receive = receive
+        self._response = response
+        self._delay_s = delay_s
+        self._group = asyncio.TaskGroup()
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        await self._group.__aenter__()
+        if self._delay_s:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start)
+        else:
+            self._start()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()  # the body ended: nothing left to watch for
+        try:
+            await self._group.__aexit__(kind, error, traceback)
+        except BaseExceptionGroup as errors:
+            # A task group reports what ended it as a group: ClientGone (first, if the caller left)
+            # or the body's own error, raised here as itself (outside the `except`: not chained).
+            first = errors.exceptions[0]
+        else:
+            return
+        raise first
+
+    def _start(self) -> None:
+        self._watcher = self._group.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self._response.complete:
+            raise ClientGone
+
+
 async def send_json(
     send: Send,
     status: int,
     body: bytes,
     request_id: bytes,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] | None = None,
 ) -> None:
     headers = [_JSON, (b"content-length", str(len(body)).encode()), (REQUEST_ID_HEADER, request_id)]
     if extra_headers:
@@ -207,11 +291,4 @@ async def send_json(
 
 
 async def send_error(send: Send, error: GatewayError, request_id: bytes) -> None:
-    extra = None
-    if error.status == 401:
-        extra = [(b"www-authenticate", b"Bearer")]
-    elif error.status == 405:
-        extra = [(b"allow", b"POST")]
-    elif error.status == 429:
-        extra = [(b"retry-after", RETRY_AFTER_S)]
-    await send_json(send, error.status, error.to_json(), request_id, extra)
+    await send_json(send, error.status, error.to_json(), request_id, error.headers())

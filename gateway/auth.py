@@ -1,5 +1,9 @@
 """Caller authentication: gateway keys, kept and compared only as SHA-256 digests.
 
+Every route outside the open ones is authenticated in one place, `Authenticator` (called by
+`app.GatewayApp`), which yields who sent the request: a `Caller` (a gateway key, with the limits that
+apply to it) or `ADMIN` (the admin key, for the admin API).
+
 The table is keyed by the digest of each key, so no key is held in memory. Looking up the digest of
 a presented key takes time that depends only on digest bytes, never on the bytes of a key: a
 timing attacker learns at most how many leading digest bytes of a guess match a stored digest,
@@ -16,23 +20,77 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from gateway.asgi import RequestHeaders
 from gateway.config import CallerKey
 from gateway.errors import GatewayError, RateLimited, Unauthorized
 
 logger = logging.getLogger("gateway.auth")
 
 _BEARER = b"bearer "
+# FastAPI routes find the request's Caller (or ADMIN) as `request.state.caller`.
+CALLER_STATE = "caller"
+# Which kind of route a failed authentication was for (counted and logged by kind).
+RouteKind = Literal["chat", "api", "admin", "metrics"]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request with a gateway key: what it is booked to, and what may limit it."""
+
+    key_name: str
+    team: str | None = None
+    # What the admission stage checks for this caller (budgets, rate limits); none apply yet.
+    limits: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """Whoever holds the admin key: the admin API (and the dashboard's data through it)."""
+
+
+ADMIN = Admin()
+
+
+class Authenticator:
+    """The one place credentials are checked, for every route outside the open ones.
+
+    Two Authorization headers are refused (400) before any key is looked at; a failed authentication
+    goes through FailedAuthentications (counted, logged, 429 for an address that fails too often).
+    """
+
+    def __init__(self, keys: KeyStore, admin_key: AdminKey, failures: FailedAuthentications) -> None:
+        self._keys = keys
+        self._admin_key = admin_key
+        self._failures = failures
+
+    def caller(self, headers: RequestHeaders, route: RouteKind, client: Any) -> Caller:
+        """The Caller of a gateway key's route, else the GatewayError to answer."""
+        authorization = headers.the_authorization()
+        try:
+            return self._keys.authenticate(authorization)
+        except Unauthorized as error:
+            raise self._failures.refuse(error, client, route) from None
+
+    def admin(self, headers: RequestHeaders, client: Any) -> Admin:
+        """ADMIN for the admin key, else the GatewayError to answer."""
+        authorization = headers.the_authorization()
+        try:
+            self._admin_key.check(authorization)
+        except Unauthorized as error:
+            raise self._failures.refuse(error, client, "admin") from None
+        return ADMIN
 
 
 class KeyStore:
     """Static keys from the config, plus the keys issued in the ledger (refreshed by the app)."""
 
     def __init__(self, keys: Iterable[CallerKey]) -> None:
-        self._static: dict[bytes, str] = {key.sha256: key.name for key in keys}
-        self.static_names = frozenset(self._static.values())
-        self._names_by_digest = dict(self._static)
+        self._static: dict[bytes, Caller] = {key.sha256: Caller(key.name) for key in keys}
+        self.static_names = frozenset(caller.key_name for caller in self._static.values())
+        self._callers_by_digest = dict(self._static)
         self._reads_begun = 0
         self._read_applied = 0
 
@@ -51,19 +109,19 @@ class KeyStore:
         if read <= self._read_applied:
             return
         self._read_applied = read
-        self._names_by_digest = {**{key.sha256: key.name for key in keys}, **self._static}
+        self._callers_by_digest = {**{key.sha256: Caller(key.name) for key in keys}, **self._static}
 
-    def authenticate(self, authorization: bytes | None) -> str:
-        """Return the key's name for an `Authorization: Bearer <key>` header value, else raise 401."""
+    def authenticate(self, authorization: bytes | None) -> Caller:
+        """The key's Caller for an `Authorization: Bearer <key>` header value, else raise 401."""
         if authorization is None:
             raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
         if authorization[:7].lower() != _BEARER:
             raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
         digest = hashlib.sha256(authorization[7:].strip()).digest()
-        name = self._names_by_digest.get(digest)
-        if name is None:
+        caller = self._callers_by_digest.get(digest)
+        if caller is None:
             raise Unauthorized("Invalid API key.")
-        return name
+        return caller
 
 
 class AdminKey:
@@ -85,6 +143,10 @@ class MetricsToken:
     def __init__(self, token: str | None, failures: FailedAuthentications) -> None:
         self._digest = hashlib.sha256(token.encode()).digest() if token else None
         self._failures = failures
+
+    @property
+    def required(self) -> bool:
+        return self._digest is not None
 
     def check(self, authorization: bytes | None, client: Any) -> None:
         if self._digest is not None and not hmac.compare_digest(
@@ -111,7 +173,7 @@ class FailedAuthentications:
         self._last_line_at = -log_every_s
         self._line_due: asyncio.TimerHandle | None = None
 
-    def refuse(self, error: Unauthorized, client: Any, route: str) -> GatewayError:
+    def refuse(self, error: Unauthorized, client: Any, route: RouteKind) -> GatewayError:
         """The answer to a failed authentication from `client` (the ASGI scope's (host, port))."""
         address = client[0] if client else "unknown"
         self._count(route)
@@ -160,7 +222,7 @@ class AddressLimiter:
         max_addresses: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        assert per_second >= 1, "asgi.RETRY_AFTER_S promises another attempt within a second"
+        assert per_second >= 1, "RateLimited's retry-after of 1 s promises another attempt within a second"
         self._burst = float(burst)
         self._per_second = per_second
         self._max_addresses = max_addresses

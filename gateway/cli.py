@@ -18,6 +18,7 @@ import uvicorn
 from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.admin import valid_key_name
 from gateway.app import LedgerUnreachable, create_app, open_ledger
 from gateway.config import (
     CONFIG_ENV,
@@ -39,6 +40,11 @@ from gateway.workers import OneSocketPerWorker, worker_app_factory
 # Descriptors a worker needs besides its caller and upstream sockets: listening socket, ledger
 # connections, spill and metrics files, logs, the event loop's own.
 RESERVED_FILES = 64
+# The open-files limit taken for "unlimited": macOS refuses RLIM_INFINITY as a soft limit, and
+# Linux's default ceiling (fs.nr_open) is this.
+_UNLIMITED_FILES = 1_048_576
+# server.max_connections' default where there is no open-files limit to derive it from (not POSIX).
+_CONNECTIONS_WITHOUT_FILE_LIMIT = 10_000
 
 config_option = click.option(
     "--config",
@@ -71,19 +77,12 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         level=config.server.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
     raise_open_files_limit()
-    max_connections = config.server.max_connections or connections_for_open_files()
-    logging.getLogger("gateway").info(
-        "at most %d caller connections open at once per worker (server.max_connections)", max_connections
-    )
     workers = workers or config.server.workers
     settings: dict[str, Any] = {
         "host": host or config.server.host,
         "port": config.server.port if port is None else port,
         "loop": config.server.loop,
-        # httptools with the gateway's limits on request heads and slow clients (gateway/http_guard.py)
-        "http": guarded_protocol(config.server.client_timeout_s, max_connections)
-        if config.server.http == "httptools"
-        else config.server.http,
+        "http": _http_protocol(config),
         "lifespan": "on",
         "log_level": config.server.log_level,
         "access_log": config.server.access_log,
@@ -107,6 +106,23 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         sys.exit(3)
 
 
+def _http_protocol(config: Config) -> Any:
+    """httptools with the gateway's limits on request heads, slow clients and connections
+    (gateway/http_guard.py); h11 as uvicorn has it, without them."""
+    log = logging.getLogger("gateway")
+    if config.server.http == "h11":
+        log.warning(
+            "server.http is h11: caller connections are not capped (server.max_connections is not "
+            "enforced), nor are request heads or slow clients (server.client_timeout_s)"
+        )
+        return "h11"
+    max_connections = config.server.max_connections or connections_for_open_files()
+    log.info(
+        "at most %d caller connections open at once per worker (server.max_connections)", max_connections
+    )
+    return guarded_protocol(config.server.client_timeout_s, max_connections)
+
+
 def raise_open_files_limit() -> None:
     """Lift the soft limit on open files to the hard one (workers inherit it). Each stream holds two
     sockets, the caller's and upstream's: at the usual soft limit of 1,024, the 512th concurrent
@@ -116,7 +132,7 @@ def raise_open_files_limit() -> None:
     except ImportError:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = 1_048_576 if hard == resource.RLIM_INFINITY else hard  # macOS refuses "unlimited" here
+    target = _UNLIMITED_FILES if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
@@ -130,9 +146,9 @@ def connections_for_open_files() -> int:
     try:
         import resource  # POSIX only
     except ImportError:
-        return 10_000
+        return _CONNECTIONS_WITHOUT_FILE_LIMIT
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    soft = 1_048_576 if soft == resource.RLIM_INFINITY else soft
+    soft = _UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
     return max(1, (soft - RESERVED_FILES) // 2)
 
 
@@ -232,6 +248,10 @@ def keys() -> None:
 @click.argument("name")
 def keys_create(config_path: str | None, name: str) -> None:
     """Issue a key for NAME and print it (the only time it is shown)."""
+    try:
+        valid_key_name(name)  # the admin API's check
+    except InvalidRequest as error:
+        raise click.BadParameter(error.message, param_hint="NAME") from None
     config = _load(config_path)
     if name in {key.name for key in config.auth.keys}:
         raise click.ClickException(f"a key named {name!r} is defined in the config file")

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.ledger.schema import KEY_NAME_CHARS, MODEL_CHARS
+
 CONFIG_ENV = "GATEWAY_CONFIG"
 METRICS_DIR_ENV = (
     "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode (set by `serve --workers`)
@@ -88,14 +90,14 @@ class ServerConfig(_Section):
     workers: Annotated[Whole, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: Flag = False
-    # uvloop and httptools are the fast defaults (README, "Why these libraries"); the pure-Python
+    # uvloop and httptools are the fast defaults (docs/design.md, "Why these libraries"); the pure-Python
     # ones are there for platforms without those wheels, and for the benchmark that compares them.
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     http: Literal["httptools", "h11"] = "httptools"
 
 
 class ModelConfig(_Section):
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=MODEL_CHARS)]  # as the ledger's model column
     input_usd_per_mtok: UsdPerMillionTokens
     output_usd_per_mtok: UsdPerMillionTokens
 
@@ -145,7 +147,7 @@ class MetricsConfig(_Section):
 class StaticKey(_Section):
     """A caller key from the config file: the key itself, its SHA-256, or the env var holding it."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=KEY_NAME_CHARS)]  # as the ledger's key_name column
     key: SecretStr | None = None
     key_sha256: str | None = None
     key_env: str | None = None

@@ -1,19 +1,27 @@
 """The one error tree of the gateway, rendered in OpenAI's error shape.
 
-    GatewayError
-    ├── InvalidRequest       400  a field is missing, of the wrong type or out of range
-    ├── Unauthorized         401  missing, unknown or revoked key
+    GatewayError             500  an unexpected failure (a bug), told in general terms
+    ├── InvalidRequest       400  a field is missing, of the wrong type or out of range; not HTTP at all
+    ├── Unauthorized         401  missing, unknown or revoked key (with www-authenticate)
     ├── NotFound             404  unknown route
     ├── ModelNotFound        404  a model the gateway does not serve
     ├── KeyMissing           404  no issued key of that name (admin API)
-    ├── MethodNotAllowed     405
+    ├── MethodNotAllowed     405  (with allow)
+    ├── RequestTimeout       408  a request's line and headers did not arrive in time (http_guard)
     ├── Conflict             409  a key name in use, once revoked, or from the config file
     ├── PayloadTooLarge      413
-    ├── RateLimited          429  too many failed authentications from one address
+    ├── RateLimited          429  too many failed authentications from one address (with retry-after)
+    ├── HeadTooLarge         431  a request's line and headers, or its chunk framing, too large (http_guard)
     ├── UpstreamUnavailable  502  upstream unreachable, or it answered garbage
-    ├── Overloaded           503  no room now (request bodies in memory, file descriptors)
+    ├── Overloaded           503  no room now (request bodies in memory, file descriptors, connections)
     ├── ShuttingDown         503  the server's shutdown grace ran out
-    └── UpstreamTimeout      504  no byte for read_timeout_s, or no whole answer by total_timeout_s
+    ├── UpstreamTimeout      504  no byte for read_timeout_s, or no whole answer by total_timeout_s
+    └── FrameworkHttpError   any  another HTTP error of the web framework (an unreadable dashboard file)
+
+Every error the gateway answers itself is one of these, rendered by `to_json()` (or `to_dict()`) with
+the headers of `headers()`: on the chat path (asgi.send_error), on the FastAPI routes (app.py), for
+requests that never reach the app (http_guard) and in the simulator. An error body relayed from
+upstream is not one of these: it keeps upstream's own fields, completed to this shape.
 
 Messages never carry a secret: they are written here or in the validator, never copied from an
 exception of the HTTP client.
@@ -27,7 +35,7 @@ import orjson
 
 
 class GatewayError(Exception):
-    status: ClassVar[int] = 500
+    status: int = 500  # each class's own; FrameworkHttpError's is the framework's, per instance
     error_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
@@ -53,6 +61,10 @@ class GatewayError(Exception):
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers this error's status calls for (none for most)."""
+        return []
+
 
 class InvalidRequest(GatewayError):
     status = 400
@@ -64,6 +76,9 @@ class Unauthorized(GatewayError):
     status = 401
     error_type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b"Bearer")]
 
 
 class NotFound(GatewayError):
@@ -89,6 +104,19 @@ class MethodNotAllowed(GatewayError):
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
 
+    def __init__(self, message: str, *, allow: str = "POST") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", self.allow.encode("latin-1"))]
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
 
 class Conflict(GatewayError):
     status = 409
@@ -106,6 +134,19 @@ class RateLimited(GatewayError):
     status = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = max(1, retry_after_s)  # whole seconds, at least one
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after_s).encode())]
+
+
+class HeadTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
 
 
 class UpstreamUnavailable(GatewayError):
@@ -129,8 +170,19 @@ class ShuttingDown(GatewayError):
 
 
 class Overloaded(GatewayError):
-    """The gateway has no room for this request now (memory for its body, a file descriptor)."""
+    """The gateway has no room for this request now (memory for its body, a file descriptor, a
+    connection)."""
 
     status = 503
     error_type = "server_error"
     default_code = "overloaded"
+
+
+class FrameworkHttpError(GatewayError):
+    """An HTTP error starlette raised that has no class here (its status and its message)."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -20,6 +20,9 @@ descriptors. Here:
   or, when none is idle, is answered 503 `overloaded` and closed at once.
 
 A response being sent is never cut: a stream may run for minutes after the request has arrived.
+
+This extends uvicorn's private protocol class: pyproject.toml pins uvicorn to the releases it is
+tested on, and tests/test_uvicorn_contract.py checks each part of uvicorn it relies on.
 """
 
 from __future__ import annotations
@@ -28,20 +31,24 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict
+from http import HTTPStatus
 from typing import Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.asgi import REQUEST_ID_HEADER
+from gateway.errors import GatewayError, HeadTooLarge, InvalidRequest, Overloaded, RequestTimeout
 from gateway.ids import new_id
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; browsers and SDKs send a few hundred bytes
 # Lifespan state (uvicorn hands it to every connection) may hold, under this key, the prometheus
 # Counter (label `reason`) that counts the connections closed to stay within `max_connections`.
 CONNECTIONS_CLOSED_STATE = "gateway.connections_closed"
+# After an error, what the caller still sends is read and dropped for this long before the close:
+# closing with unread bytes resets the connection, and the caller might lose the answer.
 _LINGER_S = 2.0
 _NO_ROOM = "The gateway has no room for another connection now; retry shortly."
+_HEAD_TOO_LARGE = f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB."
 
 logger = logging.getLogger("gateway")
 
@@ -112,16 +119,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0  # of the request being read
         self._completed_in_read = False  # a request ended inside the bytes being parsed
         self._refused = False  # answered with an error: what else arrives is read and dropped
-        self._deferred: tuple[int, str, str, str] | None = None  # an error to answer after the app's
+        self._deferred: GatewayError | None = None  # an error to answer after the app's answers
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if not self._limit.admit(self):
             self._close_for_limit("over_limit")
-            self._answer(
-                503, "Service Unavailable", "overloaded", _NO_ROOM, error_type="server_error", linger=False
-            )
+            self._answer(Overloaded(_NO_ROOM), linger=False)
             return
         self._counted = True
         self._arm(self._head_too_slow)
@@ -153,7 +158,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if in_body and not self._completed_in_read:  # all of this read belongs to the request
                 self._framing_bytes += len(data) - (self._body_bytes - body_before)
             if self._framing_bytes > MAX_HEAD_BYTES + self._body_bytes:  # e.g. a 100 MB trailer
-                self._too_large("The request's chunk framing and trailers are far larger than its body.")
+                self._refuse(
+                    HeadTooLarge("The request's chunk framing and trailers are far larger than its body.")
+                )
                 return
             self._arm(self._body_stalled)
             return
@@ -165,14 +172,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._too_large(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.")
+            self._refuse(HeadTooLarge(_HEAD_TOO_LARGE))
 
     def on_headers_complete(self) -> None:
         self._disarm()
         # The head is at most the reads it took (this one included): only a large one is measured.
         could_be_large = self._head_bytes + self._read_bytes > MAX_HEAD_BYTES or self._head_began_mid_read
         if could_be_large and self._head_size() > MAX_HEAD_BYTES:
-            self._too_large(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB.")
+            self._refuse(HeadTooLarge(_HEAD_TOO_LARGE))
             raise _Refused  # stops the parser: the app never sees this request
         self._in_head, self._head_began_mid_read = False, False
         self._head_bytes, self._framing_bytes, self._body_bytes = 0, 0, 0
@@ -198,7 +205,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.cycle.response_complete or self.transport.is_closing():
             return  # a pipelined request started, or closing
         if self._deferred is not None:  # refused while the requests before it were answered
-            self._answer(*self._deferred)
+            self._answer(self._deferred)
             return
         if self._counted:
             self._limit.idle[self] = None  # idle again, the newest
@@ -207,7 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse: 400 in OpenAI's error shape, not uvicorn's plain text."""
-        self._refuse(400, "Bad Request", "invalid_http", "The request is not valid HTTP/1.1.")
+        self._refuse(InvalidRequest("The request is not valid HTTP/1.1.", code="invalid_http"))
 
     # --- timers --------------------------------------------------------------------------------------
 
@@ -235,10 +242,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing of a request arrived: an idle connection, not an error
             return
         self._refuse(
-            408,
-            "Request Timeout",
-            "request_timeout",
-            f"The request line and headers did not arrive within {self._client_timeout_s:g} s.",
+            RequestTimeout(
+                f"The request line and headers did not arrive within {self._client_timeout_s:g} s."
+            )
         )
 
     def _body_stalled(self) -> None:
@@ -254,10 +260,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.transport.close()
 
-    def _too_large(self, message: str) -> None:
-        self._refuse(431, "Request Header Fields Too Large", "request_header_fields_too_large", message)
-
-    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+    def _refuse(self, error: GatewayError) -> None:
         """Answer with an error and end the connection. While the app handles a request here: if the
         error is in what follows it (a pipelined request), the app's answers go out first, then this
         one; if it is in the request's own body (its framing), the caller gets the error and the app
@@ -269,7 +272,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._busy():
             cycle = self.cycle
             if not cycle.more_body:
-                self._deferred = (status, reason, code, message)  # written by on_response_complete
+                self._deferred = error  # written by on_response_complete
                 return
             if cycle.response_started:
                 cycle.keep_alive = False
@@ -279,28 +282,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             cycle.disconnected = True  # what the app sends now is dropped; its next receive: "gone"
             cycle.message_event.set()
-        self._answer(status, reason, code, message)
+        self._answer(error)
 
-    def _answer(
-        self,
-        status: int,
-        reason: str,
-        code: str,
-        message: str,
-        *,
-        error_type: str = "invalid_request_error",
-        linger: bool = True,
-    ) -> None:
-        """Write an error in OpenAI's shape and close: after a moment of reading and dropping what
-        the caller still sends (`linger`: closing with unread bytes resets the connection, and the
-        caller might lose the answer), or at once."""
-        body = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-        head = (
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"%s: %s\r\nconnection: close\r\n\r\n"
-            % (status, reason.encode(), len(body), REQUEST_ID_HEADER, new_id().encode())
-        )
-        self.transport.write(head + body)
+    def _answer(self, error: GatewayError, *, linger: bool = True) -> None:
+        """Write an error in OpenAI's shape and close: after `_LINGER_S` of reading and dropping what
+        the caller still sends (`linger`), or at once."""
+        body = error.to_json()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (REQUEST_ID_HEADER, new_id().encode()),
+            *error.headers(),
+            (b"connection", b"close"),
+        ]
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode())
+        head += b"".join(b"%s: %s\r\n" % header for header in headers)
+        self.transport.write(head + b"\r\n" + body)
         if not linger:
             self.transport.close()
             return

@@ -20,7 +20,9 @@ from gateway.errors import InvalidRequest
 from gateway.ledger.store import GROUPS, UsageTotal
 
 FORMATS = ("json", "csv", "table")
-_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost")
+# A report's columns after the group, in every format: these counts of UsageTotal, then the cost.
+_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+_COLUMNS = (*_COUNTS, "estimated_cost")
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,7 @@ def as_json(group_by: str, totals: Sequence[UsageTotal]) -> bytes:
 
 def _total_json(group_by: str, total: UsageTotal) -> bytes:
     """One group's totals as a JSON object; the cost is an exact decimal literal."""
-    head = orjson.dumps(
-        {
-            group_by: total.group,
-            "requests": total.requests,
-            "prompt_tokens": total.prompt_tokens,
-            "completion_tokens": total.completion_tokens,
-            "total_tokens": total.total_tokens,
-        }
-    )
+    head = orjson.dumps({group_by: total.group, **{name: getattr(total, name) for name in _COUNTS}})
     return head[:-1] + b',"estimated_cost":' + decimal_text(total).encode() + b"}"
 
 
@@ -151,16 +145,9 @@ def as_table(group_by: str, totals: Sequence[UsageTotal]) -> str:
 
 
 def _numbers(total: UsageTotal) -> tuple[str, ...]:
-    counts = (total.requests, total.prompt_tokens, total.completion_tokens, total.total_tokens)
-    return (*(str(count) for count in counts), decimal_text(total))
+    return (*(str(getattr(total, name)) for name in _COUNTS), decimal_text(total))
 
 
 def _sum(totals: Sequence[UsageTotal]) -> UsageTotal:
-    return UsageTotal(
-        group="TOTAL",
-        requests=sum(t.requests for t in totals),
-        prompt_tokens=sum(t.prompt_tokens for t in totals),
-        completion_tokens=sum(t.completion_tokens for t in totals),
-        total_tokens=sum(t.total_tokens for t in totals),
-        cost_nanos=sum(t.cost_nanos for t in totals),
-    )
+    sums = {name: sum(getattr(total, name) for total in totals) for name in (*_COUNTS, "cost_nanos")}
+    return UsageTotal(group="TOTAL", **sums)

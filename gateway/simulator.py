@@ -27,12 +27,17 @@ from aiohttp import web
 
 from gateway.accounting import billed_usd, estimate_prompt_tokens
 from gateway.config import ModelConfig, SimulatorConfig
+from gateway.errors import GatewayError
 
 _WORDS = (
     "The quick brown fox jumps over the lazy dog while a patient gateway counts every token it relays "
     "and books the cost to the right caller, to the nano-dollar."
 ).split()
 _FALLBACK_PRICE = Decimal("0.049")
+# Larger than any body the gateway forwards (its server.max_body_bytes, 20 MiB by default): the
+# gateway's limit is the one a caller meets, never the simulator's.
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_ID_HEX_DIGITS = 24  # chatcmpl-<24 hex digits>, as long as OpenAI's ids
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Reply:
 
 def create_simulator_app(settings: SimulatorConfig, models: Iterable[ModelConfig] = ()) -> web.Application:
     simulator = _Simulator(settings, {model.name: model for model in models})
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=_MAX_BODY_BYTES)
     for prefix in ("/v1/openai", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", simulator.chat_completions)
         app.router.add_get(f"{prefix}/models", simulator.list_models)
@@ -65,9 +70,9 @@ class _Simulator:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return _error(400, "Request body is not valid JSON.")
+            return _error(_BadRequest("Request body is not valid JSON."))
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return _error(400, "messages is required.")
+            return _error(_BadRequest("messages is required."))
         reply = self._reply(body)
         prompt_tokens = estimate_prompt_tokens(body)
         usage = self._usage(body.get("model"), prompt_tokens, len(reply.tokens))
@@ -141,7 +146,7 @@ class _Simulator:
 
 
 def _chunk_maker(body: dict[str, Any]) -> Any:
-    chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex[:_ID_HEX_DIGITS]}"
     created = int(time.time())
     model = body.get("model")
 
@@ -163,7 +168,7 @@ def _chunk_maker(body: dict[str, Any]) -> Any:
 
 def _completion(body: dict[str, Any], reply: Reply, usage: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": f"chatcmpl-{uuid.uuid4().hex[:_ID_HEX_DIGITS]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model"),
@@ -178,9 +183,17 @@ def _completion(body: dict[str, Any], reply: Reply, usage: dict[str, Any]) -> di
     }
 
 
-def _error(status: int, message: str) -> web.Response:
-    payload = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    return web.json_response(payload, status=status)
+class _BadRequest(GatewayError):
+    """A request the simulator cannot answer: it checks only what it needs, and names no code."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+def _error(error: GatewayError) -> web.Response:
+    return web.Response(
+        body=error.to_json(), status=error.status, content_type="application/json", charset="utf-8"
+    )
 
 
 class RunningSimulator:

@@ -88,11 +88,6 @@ class StreamTap:
         out = data[:start] if isinstance(data, bytes) else bytes(data[:start])  # a whole read: no copy
         return _without(out, dropped) if dropped else out
 
-    @property
-    def mid_event(self) -> bool:
-        """Upstream stopped inside an event: bytes of it have arrived, its end has not."""
-        return bool(self._pending.strip())
-
     def rest(self) -> bytes:
         """At a clean end of the stream: what is left after the last blank line (a final `[DONE]`
         written without its blank line counts as the end)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from gateway.accounting import UNSTORABLE
 from gateway.config import ModelConfig
 from gateway.errors import InvalidRequest, ModelNotFound
 
@@ -30,11 +31,10 @@ _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}}'
 # a colon inside a string (`\":`, common in tool calls' JSON arguments) is taken off; `\\":` (an
 # escaped backslash ending a key) is put back, so the count never falls below the keys written.
 _SPACED_KEY = re.compile(rb'"[ \t\r\n]+:')
-# `user` is booked: at most the ledger's bound, and neither NUL (PostgreSQL refuses it in text) nor a
-# lone UTF-16 surrogate (no UTF-8 for it). Other control characters are kept: they are stored as they
-# are, and the CSV export defuses them.
+# `user` is booked: at most 256 characters (SPEC's bound, well inside the ledger's column), and
+# nothing a text column cannot store. Other control characters are kept: they are stored as they are,
+# and the CSV export defuses them.
 USER_MAX_CHARS = 256
-_UNBOOKABLE = re.compile("[\x00\ud800-\udfff]")
 _JSON_SCANNER = json.JSONDecoder()
 _JSON_SPACE = re.compile(r"[ \t\r\n]*")
 
@@ -256,7 +256,7 @@ def _check_user(field: str, value: Any) -> None:
         raise InvalidRequest(
             f"{field} must be at most {USER_MAX_CHARS} characters, got {len(value)}", param=field
         )
-    if _UNBOOKABLE.search(value):
+    if UNSTORABLE.search(value):
         raise InvalidRequest(
             f"{field} must not hold a NUL character or an unpaired UTF-16 surrogate, got {_show(value)}",
             param=field,

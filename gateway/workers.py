@@ -12,6 +12,9 @@ workers would keep the port and serve on, unsupervised, beside the gateway start
 Linux the kernel sends the worker SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG); elsewhere
 a thread watches the worker's parent. Either way the worker shuts down as on SIGTERM: it stops
 accepting, lets the requests it holds finish within `server.shutdown_grace_s`, and books them.
+
+This extends uvicorn's private supervisor class: pyproject.toml pins uvicorn to the releases it is
+tested on, and tests/test_uvicorn_contract.py checks each part of uvicorn it relies on.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from gateway.app import GatewayApp, app_from_environment
 
 logger = logging.getLogger("uvicorn.error")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Without PR_SET_PDEATHSIG a worker looks at its parent this often: it stops within about a second
+# of its supervisor.
+_PARENT_CHECK_S = 1.0
 
 
 def worker_app_factory() -> Any:
@@ -62,7 +68,7 @@ def end_with_supervisor(supervisor_pid: int) -> None:
 
 def _watch_parent(supervisor_pid: int) -> None:
     while os.getppid() == supervisor_pid:  # an orphan is adopted by another process
-        time.sleep(1)
+        time.sleep(_PARENT_CHECK_S)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -1,4 +1,4 @@
-"""Makes the README's dashboard screenshot from simulator traffic.
+"""Makes the dashboard screenshot of docs/dashboard-and-metrics.md from simulator traffic.
 
 Starts `gateway serve` on its built-in simulator with a fresh SQLite ledger, sends a few hundred
 requests from four keys and six `user`s with the OpenAI SDK, then spreads the booked rows over the
@@ -25,7 +25,7 @@ import httpx
 import openai
 import yaml
 from playwright.async_api import async_playwright
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, select, update
 
 from gateway.ledger.schema import requests
 from gateway.ledger.store import Ledger
@@ -108,12 +108,12 @@ def spread_over_days(ledger_url: str, sent: int, rng: random.Random) -> None:
     ledger = Ledger(ledger_url)
     try:
         deadline = time.monotonic() + 5
-        while ledger.count_rows() < sent and time.monotonic() < deadline:
+        while _count_rows(ledger) < sent and time.monotonic() < deadline:
             time.sleep(0.05)
         today = datetime.now(UTC).date()
         weights = [0.4 if (today - timedelta(days=d)).weekday() >= 5 else 1.0 for d in range(DAYS)]
         moves = []
-        for row in ledger.rows():
+        for row in _rows(ledger):
             back = rng.choices(range(DAYS), weights)[0]
             moves.append(
                 {
@@ -172,6 +172,16 @@ def main() -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=15)
     print(f"{sent} requests through the simulator; screenshot in {out}")
+
+
+def _count_rows(ledger: Ledger) -> int:
+    with ledger.engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(requests)).scalar_one())
+
+
+def _rows(ledger: Ledger) -> list[dict[str, object]]:
+    with ledger.engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(select(requests).order_by(requests.c.ts_us))]
 
 
 if __name__ == "__main__":

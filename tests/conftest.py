@@ -1,14 +1,17 @@
-"""Shared servers: a scripted upstream, a gateway in front of it, and a gateway on its simulator."""
+"""Shared servers: a scripted upstream, a gateway in front of it, and a gateway on its simulator; and
+the in-process tier's function upstream and gateway app (tests/inprocess.py)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
+from tests.inprocess import FunctionUpstream, InProcessGateway, in_process_gateway
 from tests.scenarios import play
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
@@ -52,6 +55,29 @@ def sim_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPro
     process = GatewayProcess(gateway_config(), tmp_path_factory.mktemp("sim")).start()
     yield process
     process.stop()
+
+
+# In-process fixtures live for a module, on the module's event loop: a test module using them marks
+# its tests `pytest.mark.asyncio(loop_scope="module")`.
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def local_upstream() -> AsyncIterator[FunctionUpstream]:
+    upstream = await FunctionUpstream().start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def local_gateway(
+    local_upstream: FunctionUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcessGateway]:
+    """The `gateway` fixture's limits and timeouts, in the test process, in front of `local_upstream`."""
+    async with in_process_gateway(
+        local_upstream,
+        tmp_path_factory.mktemp("in-process"),
+        upstream={"read_timeout_s": READ_TIMEOUT_S, "connect_timeout_s": 2},
+        server={"max_body_bytes": MAX_BODY_BYTES},
+    ) as gateway:
+        yield gateway
 
 
 @pytest.fixture

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from sqlalchemy import func, select
+
+from gateway.ledger.schema import requests
+from gateway.ledger.store import Ledger
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BACKENDS = ("sqlite", "postgresql")
@@ -33,3 +39,46 @@ def ledger_database(backend: str, directory: Path) -> Iterator[str]:
             yield url
     else:
         yield f"sqlite:///{directory}/ledger-{uuid.uuid4().hex[:8]}.db"
+
+
+def booked_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every row of the requests table, oldest first, as column name -> value."""
+    with ledger.engine.connect() as connection:
+        result = connection.execute(select(requests).order_by(requests.c.ts_us))
+        return [dict(row._mapping) for row in result]
+
+
+def count_rows(ledger: Ledger) -> int:
+    """How many rows the requests table holds."""
+    with ledger.engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(requests)).scalar_one())
+
+
+@contextmanager
+def connect(url: str) -> Iterator[Any]:
+    """A plain connection of the test's own to the ledger database, outside the gateway (autocommit)."""
+    if url.startswith("sqlite:///"):
+        database = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            yield database
+        finally:
+            database.close()
+    else:
+        with psycopg.connect(url, autocommit=True) as connection:
+            yield connection
+
+
+@contextmanager
+def requests_table_away(url: str) -> Iterator[None]:
+    """Every write to the ledger fails while this lasts (its table has another name), then works again."""
+    with connect(url) as database:
+        database.execute("ALTER TABLE requests RENAME TO requests_away")
+        try:
+            yield
+        finally:
+            database.execute("ALTER TABLE requests_away RENAME TO requests")
+
+
+def spill_files(spill_dir: Path) -> list[Path]:
+    """The spill files in a spill folder (not the dead-letter file)."""
+    return sorted(spill_dir.glob("spill-*.jsonl"))

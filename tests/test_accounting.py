@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from gateway.cli import main
 from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY, CAROL_KEY, auth_headers, chat
-from tests.ledgers import BACKENDS, ledger_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, count_rows, ledger_database
 from tests.scenarios import USAGE
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
@@ -82,7 +83,7 @@ def report(gateway: GatewayProcess, group_by: str, **params: str) -> dict[str, d
 def row_count(gateway: GatewayProcess) -> int:
     ledger = Ledger(gateway.ledger_url)
     try:
-        return ledger.count_rows()
+        return count_rows(ledger)
     finally:
         ledger.close()
 
@@ -91,10 +92,13 @@ def wait_for_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
     """Rows are written off the request path; the spec gives them one second to show."""
     ledger = Ledger(gateway.ledger_url)
     try:
-        deadline = time.monotonic() + 1.0
-        while ledger.count_rows() < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return ledger.rows()
+        eventually(
+            lambda: count_rows(ledger),
+            until=lambda rows: rows >= count,
+            within_s=1.0,
+            waiting_for=f"{count} rows in the ledger",
+        )
+        return booked_rows(ledger)
     finally:
         ledger.close()
 
@@ -427,9 +431,12 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
             statuses.append(httpx.post(url, json=chat(), headers=auth_headers(key)).status_code)
             return statuses[-1]
 
-        assert_within_a_second(lambda: call() == 200)
+        # Another process's state (every worker's view of the keys): polled, for at most a second.
+        eventually(call, until=lambda status: status == 200, within_s=1.0, waiting_for="the new key to work")
         assert client.delete(f"/admin/keys/{name}").status_code == 200
-        assert_within_a_second(lambda: call() == 401)
+        eventually(
+            call, until=lambda status: status == 401, within_s=1.0, waiting_for="the key to be revoked"
+        )
         # Calls made before every worker saw the revocation were served, and are booked.
         booked_rows = [
             row for row in wait_for_rows(booked, before + statuses.count(200)) if row["key_name"] == name
@@ -441,14 +448,6 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
         assert client.delete(f"/admin/keys/{quote(slashed, safe='')}").json()["name"] == slashed
         assert client.delete("/admin/keys/alice").status_code == 409
         assert client.post("/admin/keys", json={"name": name}).status_code == 409  # never reused
-
-
-def assert_within_a_second(condition: Any) -> None:
-    """Poll another process's state (there is no event to await across processes), for at most 1 s."""
-    deadline = time.monotonic() + 1.0
-    while not condition():
-        assert time.monotonic() < deadline, "not within a second"
-        time.sleep(0.05)
 
 
 def test_cli_usage_and_keys(booked: GatewayProcess, tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def _issued(*names: str) -> list[CallerKey]:
 
 def _accepts(keys: KeyStore, name: str) -> bool:
     try:
-        return keys.authenticate(f"Bearer sk-{name}".encode()) == name
+        return keys.authenticate(f"Bearer sk-{name}".encode()).key_name == name
     except Unauthorized:
         return False
 

@@ -18,11 +18,14 @@ from hypothesis import strategies as st
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import BACKENDS, ledger_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, count_rows, ledger_database
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
 ADMIN_KEY = "sk-admin-bounds-5c1e"
+
+METRICS_TOKEN = "metrics-edge-51c2"
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -31,8 +34,17 @@ def edge(
 ) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp(f"edge-{request.param}")
     with ledger_database(request.param, tmp) as url:
-        config = gateway_config(upstream.base_url, ledger={"url": url}, upstream={"read_timeout_s": 1.5})
-        env = {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN, "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+        config = gateway_config(
+            upstream.base_url,
+            ledger={"url": url},
+            upstream={"read_timeout_s": 1.5},
+            metrics={"token_env": "METRICS_TOKEN"},
+        )
+        env = {
+            "DEEPINFRA_TOKEN": UPSTREAM_TOKEN,
+            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "METRICS_TOKEN": METRICS_TOKEN,
+        }
         process = GatewayProcess(config, tmp, env).start()
         yield process
         process.stop()
@@ -42,11 +54,13 @@ def ledger_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
     """The ledger's rows once it holds `count` (rows are written off the request path)."""
     ledger = Ledger(gateway.ledger_url)
     try:
-        for _ in range(250):  # polling another process's database: at most 5 s
-            if ledger.count_rows() >= count:
-                return ledger.rows()
-            httpx.get(gateway.url + "/healthz")  # a round trip, instead of a sleep
-        raise AssertionError(f"the ledger holds {ledger.count_rows()} rows, not {count}")
+        eventually(
+            lambda: count_rows(ledger),
+            until=lambda rows: rows >= count,
+            within_s=5.0,
+            waiting_for=f"{count} rows in the ledger",
+        )
+        return booked_rows(ledger)
     finally:
         ledger.close()
 
@@ -54,7 +68,7 @@ def ledger_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
 def row_count(gateway: GatewayProcess) -> int:
     ledger = Ledger(gateway.ledger_url)
     try:
-        return ledger.count_rows()
+        return count_rows(ledger)
     finally:
         ledger.close()
 
@@ -153,11 +167,12 @@ def test_a_request_id_is_kept_only_when_short_printable_ascii(
         ("POST", CHAT_PATH, "sk-other"),
         ("GET", "/v1/models", CALLER_KEY),
         ("GET", "/admin/keys", ADMIN_KEY),
+        ("GET", "/metrics", METRICS_TOKEN),
     ],
 )
 def test_two_authorization_headers_are_400(edge: GatewayProcess, method: str, path: str, second: str) -> None:
     """Not "the last one wins": which of the two a proxy in front would have checked is unknown."""
-    first = ADMIN_KEY if path.startswith("/admin") else CALLER_KEY
+    first = {"/admin/keys": ADMIN_KEY, "/metrics": METRICS_TOKEN}.get(path, CALLER_KEY)
     headers = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
     response = httpx.request(method, edge.url + path, headers=headers, json=chat())
     assert response.status_code == 400

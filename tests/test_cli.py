@@ -232,3 +232,57 @@ def test_a_ledger_that_cannot_be_opened_is_named_without_its_password(tmp_path: 
     result = CliRunner().invoke(main, ["usage", "--config", str(config)])
     assert result.exit_code == 4 and "cannot open the ledger at postgresql://postgres:***@" in result.output
     assert "hunter2" not in result.output
+
+
+def test_names_longer_than_the_ledgers_columns_are_config_errors_naming_the_field() -> None:
+    """A model's name is booked in a 500-character column, a static key's in a 200-character one."""
+
+    def config(model: str, key: str) -> str:
+        return (
+            f"models:\n  - {{name: {model}, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}\n"
+            f"auth:\n  keys:\n    - {{name: {key}, key: sk-gw-k}}\n"
+        )
+
+    parsed = parse_config(config("m" * 500, "k" * 200), {})
+    assert len(parsed.models[0].name) == 500 and len(parsed.auth.keys[0].name) == 200
+    with pytest.raises(ConfigError, match=r"models\[0\]\.name: String should have at most 500 characters"):
+        parse_config(config("m" * 501, "k"), {})
+    too_long = r"auth\.keys\[0\]\.name: String should have at most 200 characters"
+    with pytest.raises(ConfigError, match=too_long):
+        parse_config(config("m", "k" * 201), {})
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "name must be a non-empty string"),
+        ("   ", "name must be a non-empty string"),
+        ("k" * 201, "name must be printable and at most 200 characters"),
+        ("tab\there", "name must be printable and at most 200 characters"),
+        ("nul\x00here", "name must be printable and at most 200 characters"),
+    ],
+)
+def test_keys_create_checks_the_name_as_the_admin_api_does(tmp_path: Path, name: str, problem: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("ledger:\n  url: sqlite:///./ledger.db\n")
+    result = CliRunner().invoke(main, ["keys", "create", "--config", str(config), name])
+    assert result.exit_code == 2  # a usage error, as a bad option is
+    assert f"Error: Invalid value for NAME: {problem}" in result.output
+    assert not (tmp_path / "ledger.db").exists()  # refused before the ledger is opened
+
+
+def test_keys_create_takes_a_name_as_long_as_the_column(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("ledger:\n  url: sqlite:///./ledger.db\n")
+    result = CliRunner().invoke(main, ["keys", "create", "--config", str(config), "k" * 200])
+    assert result.exit_code == 0 and result.output.startswith("sk-gw-")
+
+
+def test_serve_with_h11_says_caller_connections_are_not_capped(tmp_path: Path) -> None:
+    gateway = GatewayProcess(gateway_config(server={"http": "h11", "max_connections": 5}), tmp_path).start()
+    try:
+        logs = gateway.logs()
+    finally:
+        gateway.stop()
+    assert "server.http is h11: caller connections are not capped" in logs
+    assert "caller connections open at once per worker" not in logs

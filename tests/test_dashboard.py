@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -32,6 +31,8 @@ from sqlalchemy import update
 from gateway.ledger.schema import requests
 from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY
+from tests.eventually import eventually
+from tests.ledgers import count_rows
 from tests.servers import CALLER_KEY, MODEL, GatewayProcess, gateway_config
 
 ADMIN_KEY = "sk-admin-dashboard-81c2"
@@ -104,10 +105,12 @@ def wait_for_rows(gateway: GatewayProcess, count: int) -> None:
     """Rows are written off the request path; the spec gives them one second to show."""
     ledger = Ledger(gateway.ledger_url)
     try:
-        deadline = time.monotonic() + 1.0
-        while ledger.count_rows() < count:
-            assert time.monotonic() < deadline, "rows not booked within a second"
-            time.sleep(0.02)
+        eventually(
+            lambda: count_rows(ledger),
+            until=lambda rows: rows >= count,
+            within_s=1.0,
+            waiting_for=f"{count} rows in the ledger",
+        )
     finally:
         ledger.close()
 

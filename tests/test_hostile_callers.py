@@ -26,6 +26,8 @@ from gateway.auth import AddressLimiter
 from gateway.errors import Overloaded
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
+from tests.eventually import eventually
+from tests.ledgers import booked_rows
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -69,10 +71,10 @@ def test_failed_authentications_are_counted_by_route_kind_and_logged_without_the
     for kind, _, _ in attempts:
         assert metric(guarded, "gateway_auth_failures", f'route="{kind}"') == before[kind] + 1
     line = re.compile(r"auth: \d+ failed authentications? from \d+ address")
-    for _ in range(250):  # the line is written at once for a first failure; the log is another process's
-        if line.search(guarded.logs()):
-            break
-        httpx.get(guarded.url + "/healthz")
+    # The line is written at once for a first failure; the log is another process's: polled.
+    eventually(
+        guarded.logs, until=line.search, within_s=5.0, waiting_for="the failed-authentication log line"
+    )
     assert line.search(guarded.logs()), guarded.logs()[-2000:]
     assert "sk-guess" not in guarded.logs()
 
@@ -166,11 +168,13 @@ def test_a_body_with_no_room_gets_503_overloaded_and_is_booked(
     assert httpx.post(small_budget.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
     ledger = Ledger(small_budget.ledger_url)
     try:
-        for _ in range(250):
-            refused = [row for row in ledger.rows() if row["request_id"] == response.headers["x-request-id"]]
-            if refused:
-                break
-            httpx.get(small_budget.url + "/healthz")
+        refused = eventually(
+            lambda: [
+                row for row in booked_rows(ledger) if row["request_id"] == response.headers["x-request-id"]
+            ],
+            within_s=5.0,
+            waiting_for="the refused request's row",
+        )
     finally:
         ledger.close()
     assert [(row["outcome"], row["status"], row["cost_nanos"]) for row in refused] == [("rejected", 503, 0)]
@@ -276,12 +280,12 @@ def test_the_event_loop_answers_while_a_slow_body_is_checked(roomy: GatewayProce
     ).encode()
     with socket.create_connection(("127.0.0.1", port)) as slow:
         slow.sendall(head + raw)
-        for _ in range(5000):  # polling the kernel's view of another process's socket
-            if server_has_read_everything(port, slow.getsockname()[1]):
-                break
-            select.select([], [], [], 0.001)
-        else:
-            raise AssertionError("the gateway never read the whole body")
+        eventually(  # the kernel's view of another process's socket: polled
+            lambda: server_has_read_everything(port, slow.getsockname()[1]),
+            within_s=5.0,
+            every_s=0.001,
+            waiting_for="the gateway to read the whole body",
+        )
         with httpx.Client(timeout=60) as client:
             assert client.get(roomy.url + "/healthz").status_code == 200
         unanswered, _, _ = select.select([slow], [], [], 0)

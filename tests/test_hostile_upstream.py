@@ -8,7 +8,6 @@ and that the rows after it are booked too.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -22,7 +21,8 @@ import pytest
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import BACKENDS, ledger_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, ledger_database
 from tests.scenarios import (
     COMPLETION_BYTES,
     DRIP_INTERVAL_S,
@@ -90,16 +90,14 @@ def booked(gateway: GatewayProcess, request_id: str) -> dict[str, Any]:
     """The request's row; the spec gives a row one second to show (here two, for a loaded machine)."""
     ledger = Ledger(gateway.ledger_url)
     try:
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            rows = [row for row in ledger.rows() if row["request_id"] == request_id]
-            if rows:
-                (row,) = rows
-                return row
-            time.sleep(0.02)  # polling another process's database: there is no event to await
+        (row,) = eventually(
+            lambda: [row for row in booked_rows(ledger) if row["request_id"] == request_id],
+            within_s=2.0,
+            waiting_for=f"the row of request {request_id}",
+        )
+        return row
     finally:
         ledger.close()
-    raise AssertionError(f"request {request_id} was not booked")
 
 
 def assert_books_move(gateway: GatewayProcess) -> None:
@@ -452,12 +450,10 @@ def test_no_file_descriptor_for_an_upstream_socket_is_503_overloaded(
 
 def _wait_for_a_free_descriptor(gateway: GatewayProcess) -> None:
     """The gateway closes the callers' connections as it notices them gone: poll until it serves."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(gateway.url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polling another process: there is no event to await
-    raise AssertionError("the gateway never got its descriptors back")
+    eventually(
+        lambda: httpx.get(gateway.url + "/healthz", timeout=2).status_code,
+        until=lambda status: status == 200,
+        ignoring=(httpx.TransportError,),
+        within_s=10,
+        waiting_for="the gateway to get its descriptors back and serve /healthz",
+    )

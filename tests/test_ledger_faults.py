@@ -1,9 +1,11 @@
 """Rows the database refuses, a full queue, spill files left behind: a real LedgerWriter over a real
 ledger, on both backends.
 
-A refused row is set aside in the dead-letter file (and counted); the rows around it are written;
-the writer goes on. A row booked when the queue is full is lost, counted and logged, never waited for.
-Spill files of writers no longer alive are replayed by the next writer; a live writer's are not.
+A refused row is set aside in the dead-letter file (and counted, logged at most once per 10 s); the
+rows around it are written; the writer goes on. A database that fails for a moment (a dropped
+connection, a locked file) sets no row aside. A row booked when the queue is full is lost, counted
+and logged, never waited for. Spill files of writers no longer alive are replayed by the next writer;
+a live writer's are not; rows booked during a long replay are written meanwhile.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +25,8 @@ from gateway.ledger.spill import DEAD_LETTER_FILE, SpillFile, encode_row
 from gateway.ledger.store import Ledger, LedgerRow
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import Metrics
-from tests.ledgers import BACKENDS, ledger_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, connect, count_rows, ledger_database, spill_files
 from tests.test_ledger import row
 
 NOV_25 = 1_795_564_800_000_000
@@ -64,14 +68,6 @@ def dead_letters(spill_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def within(seconds: float, condition: Callable[[], bool]) -> None:
-    """Poll the writer thread's work, for at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds} s"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("poison", POISON)
 def test_a_refused_row_is_set_aside_and_the_rows_around_it_are_written(
     backend_ledger: tuple[str, Ledger], tmp_path: Path, poison: str, caplog: pytest.LogCaptureFixture
@@ -87,12 +83,20 @@ def test_a_refused_row_is_set_aside_and_the_rows_around_it_are_written(
     for booked in [*good[:50], bad, *good[50:]]:  # one batch: the bad row in the middle
         writer.book(booked)
     refused = backend in refused_on
-    within(10, lambda: ledger.count_rows() == (100 if refused else 101))
+    eventually(
+        lambda: count_rows(ledger) == (100 if refused else 101),
+        within_s=10,
+        waiting_for="count_rows(ledger) == (100 if refused else 101)",
+    )
 
     after = [row(cost_nanos=1000), row(cost_nanos=2000)]  # the writer goes on
     for booked in after:
         writer.book(booked)
-    within(10, lambda: ledger.count_rows() == (102 if refused else 103))
+    eventually(
+        lambda: count_rows(ledger) == (102 if refused else 103),
+        within_s=10,
+        waiting_for="count_rows(ledger) == (102 if refused else 103)",
+    )
     assert writer.state == "ok" and writer.depth == 0 and writer.spilled_rows == 0
     writer.close()
 
@@ -106,7 +110,7 @@ def test_a_refused_row_is_set_aside_and_the_rows_around_it_are_written(
         assert len(logged) == 1 and bad.row_id in logged[0] and bad.request_id[:190] in logged[0]
     else:
         assert set_aside == [] and metric(metrics, "gateway_ledger_rows_dead_lettered_total") == 0
-        assert next(r for r in ledger.rows() if r["row_id"] == bad.row_id)["user"] == bad.user
+        assert next(r for r in booked_rows(ledger) if r["row_id"] == bad.row_id)["user"] == bad.user
     assert metric(metrics, "gateway_ledger_rows_spilled_total") == 0
 
 
@@ -124,7 +128,7 @@ def test_many_refused_rows_in_one_batch_are_all_found(
         writer.book(each)
     writer.close()
     good = [each for each in booked if each not in bad_rows.values()]
-    assert ledger.count_rows() == len(good)
+    assert count_rows(ledger) == len(good)
     assert ledger.usage("key")[0].cost_nanos == sum(each.cost_nanos for each in good)
     assert sorted(e["row"]["row_id"] for e in dead_letters(spill_dir)) == sorted(
         each.row_id for each in bad_rows.values()
@@ -164,7 +168,7 @@ def test_a_full_queue_loses_rows_counted_and_logged_without_waiting(
 
     writer.start()
     writer.close()
-    assert ledger.count_rows() == 10 and ledger.usage("key")[0].cost_nanos == sum(range(10))
+    assert count_rows(ledger) == 10 and ledger.usage("key")[0].cost_nanos == sum(range(10))
 
 
 def test_spill_files_of_dead_writers_are_replayed_and_a_live_writers_is_left_alone(
@@ -188,7 +192,7 @@ def test_spill_files_of_dead_writers_are_replayed_and_a_live_writers_is_left_alo
     writer = LedgerWriter(ledger, spill_dir=spill_dir)
     writer.start()
     writer.close()
-    assert ledger.count_rows() == 3 and ledger.usage("key")[0].cost_nanos == 6
+    assert count_rows(ledger) == 3 and ledger.usage("key")[0].cost_nanos == 6
     assert [entry["line"] for entry in dead_letters(spill_dir)] == ["not a row"]
     assert sorted(spill_dir.glob("spill-*.jsonl")) == [live.path]
 
@@ -196,5 +200,145 @@ def test_spill_files_of_dead_writers_are_replayed_and_a_live_writers_is_left_alo
     writer = LedgerWriter(ledger, spill_dir=spill_dir)
     writer.start()
     writer.close()
-    assert ledger.count_rows() == 4 and ledger.usage("key")[0].cost_nanos == 46
+    assert count_rows(ledger) == 4 and ledger.usage("key")[0].cost_nanos == 46
     assert list(spill_dir.glob("spill-*.jsonl")) == []
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "refused by the database" in r.getMessage()]
+
+
+def test_refused_rows_are_logged_at_most_once_per_10_s_with_the_count(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused row goes to the dead-letter file; the log has one line per 10 s saying how many."""
+    _, ledger = backend_ledger
+    spill_dir = tmp_path / "spill"
+    clock = Clock()
+    writer = LedgerWriter(ledger, spill_dir=spill_dir, linger_s=0.01, clock=clock)
+    writer.start()
+    refused = [row(prompt_tokens=2**70) for _ in range(5)]  # too big for either backend
+    for each in refused:
+        writer.book(each)
+    eventually(
+        lambda: len(dead_letters(spill_dir)) == 5,
+        within_s=10,
+        waiting_for="len(dead_letters(spill_dir)) == 5",
+    )
+    [line] = refusal_lines(caplog)  # the first at once
+    assert line.startswith("ledger: 1 rows refused by the database") and refused[0].row_id in line
+
+    clock.now += 10
+    latest = row(prompt_tokens=2**70)
+    writer.book(latest)
+    eventually(
+        lambda: len(dead_letters(spill_dir)) == 6,
+        within_s=10,
+        waiting_for="len(dead_letters(spill_dir)) == 6",
+    )
+    writer.close()
+    _, second = refusal_lines(caplog)
+    assert second.startswith("ledger: 5 rows refused by the database since the last report")
+    assert latest.row_id in second and latest.request_id in second
+    assert [entry["row"]["row_id"] for entry in dead_letters(spill_dir)] == [
+        each.row_id for each in [*refused, latest]
+    ]
+
+
+def waiting_insert(url: str) -> int | None:
+    """The PostgreSQL backend of an INSERT into requests that waits for a lock, if there is one."""
+    with connect(url) as database:
+        found = database.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO requests%'"
+        ).fetchone()
+    return None if found is None else int(found[0])
+
+
+def test_a_dropped_postgresql_connection_sets_no_row_aside(tmp_path: Path) -> None:
+    """The writer's connection is terminated during its INSERT (as a restart or a failover would): the
+    row is retried, never taken for one the database refuses, even though the next ping succeeds."""
+    spill_dir = tmp_path / "spill"
+    metrics = Metrics(models=["m"], user_labels=False)
+    with ledger_database("postgresql", tmp_path) as url:
+        ledger = Ledger(url)
+        ledger.migrate()
+        writer = LedgerWriter(ledger, spill_dir=spill_dir, observer=metrics, linger_s=0.01)
+        writer.start()
+        try:
+            writer.book(row(cost_nanos=1))
+            eventually(lambda: count_rows(ledger) == 1, waiting_for="count_rows(ledger) == 1")
+            with psycopg.connect(url) as locker:  # in a transaction until the block ends
+                locker.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+                writer.book(row(cost_nanos=2))  # its INSERT waits for the lock
+                pid = eventually(lambda: waiting_insert(url), waiting_for="the writer's INSERT, waiting")
+                locker.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            eventually(lambda: count_rows(ledger) == 2, within_s=5, waiting_for="count_rows(ledger) == 2")
+            assert writer.state == "ok" and writer.spilled_rows == 0
+        finally:
+            writer.close()
+        assert ledger.usage("key")[0].cost_nanos == 3
+        ledger.close()
+    assert dead_letters(spill_dir) == [] and metric(metrics, "gateway_ledger_rows_dead_lettered_total") == 0
+    assert metric(metrics, "gateway_ledger_write_errors_total") >= 1
+
+
+def test_a_locked_sqlite_file_sets_no_row_aside(tmp_path: Path) -> None:
+    """Another process holds the write lock past the busy timeout (10 s): "database is locked" is the
+    database failing for a while, not the row; the row is written once the lock is let go."""
+    spill_dir = tmp_path / "spill"
+    metrics = Metrics(models=["m"], user_labels=False)
+    with ledger_database("sqlite", tmp_path) as url:
+        ledger = Ledger(url)
+        ledger.migrate()
+        writer = LedgerWriter(ledger, spill_dir=spill_dir, observer=metrics, linger_s=0.01)
+        writer.start()
+        try:
+            writer.book(row(cost_nanos=1))
+            eventually(lambda: count_rows(ledger) == 1, waiting_for="count_rows(ledger) == 1")
+            with connect(url) as locker:
+                locker.execute("BEGIN IMMEDIATE")  # the write lock, as another worker's long write
+                writer.book(row(cost_nanos=2))
+                eventually(
+                    lambda: metric(metrics, "gateway_ledger_write_errors_total") >= 1,
+                    within_s=15,
+                    waiting_for="the writer's INSERT to fail: database is locked",
+                )
+                locker.execute("ROLLBACK")
+            eventually(lambda: count_rows(ledger) == 2, within_s=5, waiting_for="count_rows(ledger) == 2")
+            assert writer.state == "ok" and writer.spilled_rows == 0
+        finally:
+            writer.close()
+        assert ledger.usage("key")[0].cost_nanos == 3
+        ledger.close()
+    assert dead_letters(spill_dir) == [] and metric(metrics, "gateway_ledger_rows_dead_lettered_total") == 0
+
+
+REPLAYED_ROWS = 20_000  # 400 batches of 50: a replay that takes a while
+
+
+def test_rows_booked_during_a_long_replay_are_written_meanwhile(
+    backend_ledger: tuple[str, Ledger], tmp_path: Path
+) -> None:
+    """A large spill file is replayed batch by batch; the rows booked meanwhile go to the database
+    between its batches, so a queue far smaller than the replay never fills."""
+    _, ledger = backend_ledger
+    spill_dir = tmp_path / "spill"
+    metrics = Metrics(models=["m"], user_labels=False)
+    orphan = SpillFile(spill_dir)
+    orphan.append([row(cost_nanos=1) for _ in range(REPLAYED_ROWS)])
+    orphan.release()  # its writer is gone: replayed by the next one, at start
+    writer = LedgerWriter(
+        ledger, spill_dir=spill_dir, observer=metrics, max_queued_rows=100, batch_size=50, linger_s=0.01
+    )
+    writer.start()
+    booked = 0
+    while spill_files(spill_dir):  # the replay runs
+        writer.book(row(cost_nanos=1000))
+        booked += 1
+        time.sleep(0.001)
+    writer.close()
+    assert booked > 300  # three times what the queue holds were booked during the replay
+    assert metric(metrics, "gateway_ledger_rows_lost_total") == 0
+    assert count_rows(ledger) == REPLAYED_ROWS + booked
+    assert ledger.usage("key")[0].cost_nanos == REPLAYED_ROWS + 1000 * booked

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import BACKENDS, ledger_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, connect, count_rows, ledger_database, spill_files
 from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -41,38 +38,12 @@ def gateway_with_ledger(
             process.stop()
 
 
-@contextmanager
-def connect(url: str) -> Iterator[Any]:
-    """A plain connection of the test's own to the ledger database, outside the gateway."""
-    if url.startswith("sqlite:///"):
-        database = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        try:
-            yield database
-        finally:
-            database.close()
-    else:
-        with psycopg.connect(url, autocommit=True) as database:
-            yield database
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> None:
-    """Poll another process's state (no event crosses processes), for at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds} s"
-        time.sleep(0.05)
-
-
 def row_count(url: str) -> int:
     ledger = Ledger(url)
     try:
-        return ledger.count_rows()
+        return count_rows(ledger)
     finally:
         ledger.close()
-
-
-def spill_files(spill_dir: Path) -> list[Path]:
-    return sorted(spill_dir.glob("spill-*.jsonl"))
 
 
 def metric(gateway: GatewayProcess, name: str) -> float:
@@ -89,7 +60,7 @@ def test_rows_survive_a_ledger_outage(gateway_with_ledger: tuple[GatewayProcess,
     ready = gateway.url + "/readyz"
     for _ in range(3):
         assert httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
-    within(1.0, lambda: row_count(url) == 3)
+    eventually(lambda: row_count(url) == 3, within_s=1.0, waiting_for="row_count(url) == 3")
 
     with connect(url) as database:
         database.execute("ALTER TABLE requests RENAME TO requests_away")  # every write now fails
@@ -98,7 +69,11 @@ def test_rows_survive_a_ledger_outage(gateway_with_ledger: tuple[GatewayProcess,
                 response = httpx.post(gateway.url + CHAT_PATH, json=chat(stream=True), headers=auth_headers())
                 assert response.status_code == 200
             # A stream's row is booked just after its caller has [DONE]: wait for all five.
-            within(2.0, lambda: httpx.get(ready).json()["ledger_spilled"] == 5)
+            eventually(
+                lambda: httpx.get(ready).json()["ledger_spilled"] == 5,
+                within_s=2.0,
+                waiting_for="httpx.get(ready).json()['ledger_spilled'] == 5",
+            )
             response = httpx.get(ready)
             assert response.status_code == 503
             assert response.json()["ledger"] == "failing" and response.json()["ledger_queue"] == 0
@@ -113,7 +88,11 @@ def test_rows_survive_a_ledger_outage(gateway_with_ledger: tuple[GatewayProcess,
         finally:
             database.execute("ALTER TABLE requests_away RENAME TO requests")
 
-    within(5.0, lambda: httpx.get(ready).status_code == 200)  # asked again with backoff up to 2 s
+    eventually(
+        lambda: httpx.get(ready).status_code == 200,
+        within_s=5.0,
+        waiting_for="httpx.get(ready).status_code == 200",
+    )  # asked again with backoff up to 2 s
     assert row_count(url) == 8
     assert httpx.get(ready).json()["ledger_spilled"] == 0 and spill_files(spill_dir) == []
     assert "ledger writes recovered; replaying 5 spilled rows" in gateway.logs()
@@ -130,7 +109,7 @@ def test_a_sigkill_during_an_outage_loses_no_spilled_row(
         first = GatewayProcess(dict(config), tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
         try:
             assert httpx.post(first.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
-            within(2.0, lambda: row_count(url) == 1)
+            eventually(lambda: row_count(url) == 1, within_s=2.0, waiting_for="row_count(url) == 1")
             with connect(url) as database:
                 database.execute("ALTER TABLE requests RENAME TO requests_away")
                 for index in range(20):
@@ -138,7 +117,11 @@ def test_a_sigkill_during_an_outage_loses_no_spilled_row(
                         first.url + CHAT_PATH, json=chat(stream=index % 2 == 0), headers=auth_headers()
                     )
                     assert sent.status_code == 200
-                within(5.0, lambda: httpx.get(first.url + "/readyz").json()["ledger_spilled"] == 20)
+                eventually(
+                    lambda: httpx.get(first.url + "/readyz").json()["ledger_spilled"] == 20,
+                    within_s=5.0,
+                    waiting_for="httpx.get(first.url + '/readyz').json()['ledger_spilled'] == 20",
+                )
                 assert first.process is not None
                 first.process.kill()  # SIGKILL: no shutdown, no flush
                 first.process.wait()
@@ -149,14 +132,14 @@ def test_a_sigkill_during_an_outage_loses_no_spilled_row(
 
         second = GatewayProcess(dict(config), tmp_path, {"DEEPINFRA_TOKEN": UPSTREAM_TOKEN}).start()
         try:
-            within(5.0, lambda: row_count(url) == 21)
+            eventually(lambda: row_count(url) == 21, within_s=5.0, waiting_for="row_count(url) == 21")
             assert "ledger: replayed 20 rows left in" in second.logs()
             assert spill_files(tmp_path / "spill") == []
         finally:
             second.stop()
         ledger = Ledger(url)
         try:
-            rows = ledger.rows()
+            rows = booked_rows(ledger)
         finally:
             ledger.close()
         cost = rows[0]["cost_nanos"]
@@ -175,7 +158,11 @@ def test_a_deleted_sqlite_file_is_noticed_and_a_ledger_put_back_is_used(
     try:
         for _ in range(2):
             assert httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
-        within(2.0, lambda: row_count(f"sqlite:///{path}") == 2)
+        eventually(
+            lambda: row_count(f"sqlite:///{path}") == 2,
+            within_s=2.0,
+            waiting_for="row_count(f'sqlite:///{path}') == 2",
+        )
         old = sqlite3.connect(path)  # sees the deleted file's inode, WAL included
         with sqlite3.connect(tmp_path / "backup.db") as backup:
             old.backup(backup)
@@ -183,7 +170,11 @@ def test_a_deleted_sqlite_file_is_noticed_and_a_ledger_put_back_is_used(
 
         for _ in range(3):
             assert httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
-        within(2.0, lambda: httpx.get(ready).json()["ledger_spilled"] == 3)
+        eventually(
+            lambda: httpx.get(ready).json()["ledger_spilled"] == 3,
+            within_s=2.0,
+            waiting_for="httpx.get(ready).json()['ledger_spilled'] == 3",
+        )
         response = httpx.get(ready)
         assert response.status_code == 503 and response.json()["ledger"] == "file_replaced"
         assert f"ledger: the file {path} was deleted or replaced; rows go to the spill file" in gateway.logs()
@@ -191,7 +182,11 @@ def test_a_deleted_sqlite_file_is_noticed_and_a_ledger_put_back_is_used(
         old.close()
 
         (tmp_path / "backup.db").rename(path)  # the operator puts a ledger back
-        within(5.0, lambda: httpx.get(ready).status_code == 200)
+        eventually(
+            lambda: httpx.get(ready).status_code == 200,
+            within_s=5.0,
+            waiting_for="httpx.get(ready).status_code == 200",
+        )
         assert row_count(f"sqlite:///{path}") == 5
         assert f"ledger: {path} names a ledger again; writing to it" in gateway.logs()
     finally:
@@ -218,7 +213,11 @@ def test_with_the_spill_file_failing_too_the_queue_has_a_bound(
                 for _ in range(5):
                     sent = httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers())
                     assert sent.status_code == 200
-                within(2.0, lambda: metric(gateway, "gateway_ledger_rows_lost_total") == 2)
+                eventually(
+                    lambda: metric(gateway, "gateway_ledger_rows_lost_total") == 2,
+                    within_s=2.0,
+                    waiting_for="metric(gateway, 'gateway_ledger_rows_lost_total') == 2",
+                )
                 body = httpx.get(ready).json()
                 assert body["ledger"] == "failing" and body["ledger_spill"] == "failing"
                 assert body["ledger_queue"] == 3 and body["ledger_spilled"] == 0
@@ -228,7 +227,11 @@ def test_with_the_spill_file_failing_too_the_queue_has_a_bound(
                 )
             finally:
                 database.execute("ALTER TABLE requests_away RENAME TO requests")
-        within(5.0, lambda: httpx.get(ready).status_code == 200)
+        eventually(
+            lambda: httpx.get(ready).status_code == 200,
+            within_s=5.0,
+            waiting_for="httpx.get(ready).status_code == 200",
+        )
         assert row_count(url) == 3
     finally:
         gateway.stop()

@@ -7,10 +7,9 @@ import json
 import os
 import re
 import signal
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY, auth_headers, chat
+from tests.eventually import eventually
+from tests.ledgers import booked_rows
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -63,17 +64,9 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 def ledger_rows(gateway: GatewayProcess) -> list[dict[str, Any]]:
     ledger = Ledger(gateway.ledger_url)
     try:
-        return ledger.rows()
+        return booked_rows(ledger)
     finally:
         ledger.close()
-
-
-def eventually(condition: Callable[[], bool], seconds: float = 2.0) -> None:
-    """Poll another process's state (no event crosses processes)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds} s"
-        time.sleep(0.05)
 
 
 def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) -> None:
@@ -93,8 +86,16 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
         assert b"upstream_bad_response" in cut.content
     expected_rows = 11
 
-    eventually(lambda: len(ledger_rows(metered)) == expected_rows)
-    eventually(lambda: total(scrape(metered), "gateway_requests_total") == expected_rows)
+    eventually(
+        lambda: len(ledger_rows(metered)),
+        until=lambda count: count == expected_rows,
+        waiting_for="every row booked",
+    )
+    eventually(
+        lambda: total(scrape(metered), "gateway_requests_total"),
+        until=lambda count: count == expected_rows,
+        waiting_for="every row counted in /metrics",
+    )
     rows = ledger_rows(metered)
     samples = scrape(metered)
 
@@ -123,7 +124,11 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
     assert total(samples, "gateway_upstream_errors_total", kind="http_5xx") == 1
     assert total(samples, "gateway_upstream_errors_total", kind="bad_response") == 2  # garbage, the cut
     assert total(samples, "gateway_streams_in_flight") == 0
-    eventually(lambda: total(scrape(metered), "gateway_ledger_queue_depth") == 0)  # set just after a write
+    eventually(  # set just after a write
+        lambda: total(scrape(metered), "gateway_ledger_queue_depth"),
+        until=lambda depth: depth == 0,
+        waiting_for="an empty ledger queue in /metrics",
+    )
     assert total(samples, "gateway_ledger_write_errors_total") == 0
 
 
@@ -134,7 +139,11 @@ def test_every_series_the_grafana_dashboard_queries_exists(metered: GatewayProce
     assert (
         httpx.post(metered.url + CHAT_PATH, json=chat(stream=True), headers=auth_headers()).status_code == 200
     )
-    eventually(lambda: total(scrape(metered), "gateway_requests_total") == 1)
+    eventually(
+        lambda: total(scrape(metered), "gateway_requests_total"),
+        until=lambda count: count == 1,
+        waiting_for="the request counted in /metrics",
+    )
     exposed = {name for name, _ in scrape(metered)}
     assert len(queried) >= 8 and queried <= exposed, queried - exposed
     labels_used = {label for expr in exprs for label in re.findall(r"by \(([a-z_]+)\)", expr)}
@@ -152,7 +161,11 @@ def test_metrics_token_and_user_labels(upstream: ScriptedUpstream, tmp_path: Pat
             assert refused.json()["error"]["message"].startswith("Invalid metrics token")
         response = httpx.post(gateway.url + CHAT_PATH, json=chat(user="u-zoe"), headers=auth_headers())
         assert response.status_code == 200
-        eventually(lambda: total(scrape(gateway, METRICS_TOKEN), "gateway_requests_total", user="u-zoe") == 1)
+        eventually(
+            lambda: total(scrape(gateway, METRICS_TOKEN), "gateway_requests_total", user="u-zoe"),
+            until=lambda count: count == 1,
+            waiting_for="u-zoe's request counted in /metrics",
+        )
     finally:
         gateway.stop()
     assert METRICS_TOKEN not in gateway.logs()
@@ -166,7 +179,11 @@ def test_metrics_add_up_across_workers(tmp_path: Path) -> None:
         with httpx.Client(base_url=gateway.url, headers=auth_headers(), timeout=10) as client:
             for _ in range(requests):  # new connections: the kernel spreads them over both workers
                 assert client.post(CHAT_PATH, json=chat(), headers={"Connection": "close"}).status_code == 200
-        eventually(lambda: total(scrape(gateway), "gateway_requests_total") == requests)
+        eventually(
+            lambda: total(scrape(gateway), "gateway_requests_total"),
+            until=lambda count: count == requests,
+            waiting_for="every request counted in /metrics",
+        )
         for _ in range(6):  # whichever worker answers
             assert total(scrape(gateway), "gateway_requests_total", outcome="ok") == requests
     finally:
@@ -204,17 +221,21 @@ def test_streams_of_a_worker_that_died_leave_the_in_flight_gauge(
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
             # uvicorn's supervisor notices within a second and starts replacements.
-            eventually(lambda: _serves_metrics(gateway), seconds=20)
-            eventually(lambda: total(scrape(gateway), "gateway_streams_in_flight") == 0, seconds=5)
+            eventually(
+                lambda: httpx.get(gateway.url + "/metrics").status_code,
+                until=lambda status: status == 200,
+                ignoring=(httpx.TransportError,),
+                within_s=20,
+                waiting_for="replacement workers serving /metrics",
+            )
+            eventually(
+                lambda: total(scrape(gateway), "gateway_streams_in_flight"),
+                until=lambda streams: streams == 0,
+                within_s=5,
+                waiting_for="no stream in flight in /metrics",
+            )
             assert not set(workers) & set(gateway.worker_pids())
     finally:
         for gate in gates:
             upstream.gate(gate).set()
         gateway.stop()
-
-
-def _serves_metrics(gateway: GatewayProcess) -> bool:
-    try:
-        return httpx.get(gateway.url + "/metrics").status_code == 200
-    except httpx.TransportError:
-        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 
 import openai
@@ -19,8 +20,21 @@ def expected_cost(prompt_tokens: int, completion_tokens: int) -> float:
     return float((prompt_tokens + completion_tokens) * PRICE / 1_000_000)
 
 
+_OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sync_clients() -> Iterator[None]:
+    """Each test's clients closed when it ends: an unclosed socket would warn in a later test."""
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
 def sync_client(gateway: GatewayProcess, key: str = CALLER_KEY, suffix: str = "/v1/openai") -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + suffix, api_key=key, max_retries=0, timeout=10)
+    client = openai.OpenAI(base_url=gateway.url + suffix, api_key=key, max_retries=0, timeout=10)
+    _OPEN_CLIENTS.append(client)
+    return client
 
 
 def async_client(gateway: GatewayProcess) -> openai.AsyncOpenAI:

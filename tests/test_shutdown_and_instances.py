@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,8 @@ import pytest
 
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.ledgers import BACKENDS, ledger_database, postgres_database
+from tests.eventually import eventually
+from tests.ledgers import BACKENDS, booked_rows, ledger_database, postgres_database
 from tests.scenarios import USAGE
 from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
@@ -30,7 +30,7 @@ ADMIN_KEY = "sk-admin-instances"
 def all_rows(url: str) -> list[dict[str, Any]]:
     ledger = Ledger(url)
     try:
-        return ledger.rows()
+        return booked_rows(ledger)
     finally:
         ledger.close()
 
@@ -90,10 +90,8 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_books_every_request(
         )
     )
     waiting.start()
-    deadline = time.monotonic() + 10
-    while not upstream.find(waiting_id):  # upstream has it (polling another thread's record)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # Upstream has it (another thread's record: polled).
+    eventually(lambda: upstream.find(waiting_id), within_s=10, waiting_for="upstream to have the request")
 
     assert gateway.process is not None
     gateway.process.send_signal(signal.SIGTERM)
@@ -154,10 +152,12 @@ def test_two_instances_on_one_postgresql_ledger_add_up_exactly(
     with ThreadPoolExecutor(max_workers=16) as pool:
         assert set(pool.map(send, plan)) == {200}
 
-    deadline = time.monotonic() + 1.0
-    while len(all_rows(url)) < len(plan) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    rows = all_rows(url)
+    rows = eventually(
+        lambda: all_rows(url),
+        until=lambda rows: len(rows) >= len(plan),
+        within_s=1.0,
+        waiting_for=f"{len(plan)} rows in the shared ledger",
+    )
     assert len(rows) == len(plan)
     with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
         for instance in (first, second):
@@ -178,16 +178,16 @@ def test_two_instances_on_one_postgresql_ledger_add_up_exactly(
 
         # A key issued on one instance works on the other; revoked on one, refused by the other in 1 s.
         key = admin.post(first.url + "/admin/keys", json={"name": "shared"}).json()["key"]
-        wait_until(
-            lambda: (
-                httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code == 200
-            )
+
+        def second_says() -> int:
+            return httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code
+
+        eventually(
+            second_says, until=lambda status: status == 200, within_s=1.0, waiting_for="the key to work"
         )
         assert admin.delete(first.url + "/admin/keys/shared").status_code == 200
-        wait_until(
-            lambda: (
-                httpx.post(second.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code == 401
-            )
+        eventually(
+            second_says, until=lambda status: status == 401, within_s=1.0, waiting_for="the key refused"
         )
 
 
@@ -200,16 +200,19 @@ def test_worker_processes_share_one_ledger_and_one_key_set(
         with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
             key = admin.post(gateway.url + "/admin/keys", json={"name": "team"}).json()["key"]
 
-            def every_worker_says(status: int) -> bool:  # 12 fresh connections land on both workers
-                codes = {
+            def workers_say() -> set[int]:  # 12 fresh connections land on both workers
+                return {
                     httpx.post(gateway.url + CHAT_PATH, json=chat(), headers=auth_headers(key)).status_code
                     for _ in range(12)
                 }
-                return codes == {status}
 
-            wait_until(lambda: every_worker_says(200))
+            eventually(
+                workers_say, until=lambda codes: codes == {200}, within_s=1.0, waiting_for="the key to work"
+            )
             assert admin.delete(gateway.url + "/admin/keys/team").status_code == 200
-            wait_until(lambda: every_worker_says(401))
+            eventually(
+                workers_say, until=lambda codes: codes == {401}, within_s=1.0, waiting_for="the key refused"
+            )
 
             with ThreadPoolExecutor(max_workers=8) as pool:
                 statuses = list(
@@ -223,29 +226,20 @@ def test_worker_processes_share_one_ledger_and_one_key_set(
                     )
                 )
             assert set(statuses) == {200}
-            wait_until(
-                lambda: (
-                    sum(
-                        r["requests"]
-                        for r in admin.get(gateway.url + "/admin/usage", params={"group_by": "user"}).json()[
-                            "data"
-                        ]
-                        if r["user"] in ("w0", "w1", "w2")
-                    )
-                    == 60
-                )
+
+            def booked_requests() -> int:
+                totals = admin.get(gateway.url + "/admin/usage", params={"group_by": "user"}).json()["data"]
+                return sum(r["requests"] for r in totals if r["user"] in ("w0", "w1", "w2"))
+
+            eventually(
+                booked_requests,
+                until=lambda count: count == 60,
+                within_s=1.0,
+                waiting_for="every request in the report",
             )
         assert len(set(re.findall(r"Started server process \[(\d+)\]", gateway.logs()))) == 2
     finally:
         gateway.stop()
-
-
-def wait_until(condition: Any, within_s: float = 1.0) -> None:
-    """Poll another process's state (no event crosses processes), for at most `within_s`."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within_s} s"
-        time.sleep(0.05)
 
 
 def test_workers_end_with_their_supervisor_and_free_the_port(tmp_path: Path) -> None:
@@ -258,7 +252,12 @@ def test_workers_end_with_their_supervisor_and_free_the_port(tmp_path: Path) -> 
     assert first.process is not None
     first.process.kill()
     first.stop()
-    wait_until(lambda: not any(is_running(pid) for pid in workers), within_s=10)
+    eventually(
+        lambda: [pid for pid in workers if is_running(pid)],
+        until=lambda running: not running,
+        within_s=10,
+        waiting_for="the workers to end",
+    )
     port = int(first.url.rsplit(":", 1)[1])
     second = GatewayProcess(gateway_config(), tmp_path).start(port=port)
     try:

@@ -18,6 +18,8 @@ import pytest
 from gateway.http_guard import MAX_HEAD_BYTES
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
+from tests.eventually import eventually
+from tests.ledgers import booked_rows
 from tests.servers import CALLER_KEY, GatewayProcess, gateway_config
 
 CLIENT_TIMEOUT_S = 0.5
@@ -231,12 +233,11 @@ def wait_for_row(gateway: GatewayProcess, request_id: str) -> dict[str, object]:
     """Rows are written off the request path; the spec gives them one second to show."""
     ledger = Ledger(gateway.ledger_url)
     try:
-        deadline = time.monotonic() + 2.0
-        while True:
-            rows = [row for row in ledger.rows() if row["request_id"] == request_id]
-            if rows:
-                return rows[0]
-            assert time.monotonic() < deadline, "not booked"
-            time.sleep(0.02)
+        rows = eventually(
+            lambda: [row for row in booked_rows(ledger) if row["request_id"] == request_id],
+            within_s=2.0,
+            waiting_for=f"the row of request {request_id}",
+        )
+        return rows[0]
     finally:
         ledger.close()

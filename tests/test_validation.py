@@ -2,6 +2,8 @@
 
 An accepted request reaches upstream as the caller's exact bytes; a rejected one never leaves the
 gateway and is answered 400 (404 for an unknown model, 413 for an oversized body) naming the field.
+In-process (tests/inprocess.py): the gateway's app in front of a function upstream that records
+what reached it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import httpx
 import pytest
 
 from tests.conftest import MAX_BODY_BYTES, chat
-from tests.servers import MODEL, ScriptedUpstream
+from tests.inprocess import FunctionUpstream, InProcessGateway
+from tests.servers import MODEL
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 CHAT_PATH = "/v1/openai/chat/completions"
 
@@ -68,40 +73,40 @@ REJECTED += [
 REJECTED += [(field, value, "invalid_type") for field in INTEGER_FIELDS for value in (True, "1", 1.5)]
 
 
-def send(client: httpx.Client, body: bytes | dict[str, Any]) -> tuple[httpx.Response, str]:
+async def send(gateway: InProcessGateway, body: bytes | dict[str, Any]) -> tuple[httpx.Response, str]:
     request_id = str(uuid.uuid4())
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = client.post(CHAT_PATH, content=content, headers={"x-request-id": request_id})
+    response = await gateway.client.post(CHAT_PATH, content=content, headers={"x-request-id": request_id})
     return response, request_id
 
 
 @pytest.mark.parametrize(("field", "value"), ACCEPTED)
-def test_values_in_range_reach_upstream_unchanged(
-    client: httpx.Client, upstream: ScriptedUpstream, field: str, value: Any
+async def test_values_in_range_reach_upstream_unchanged(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream, field: str, value: Any
 ) -> None:
     raw = json.dumps(chat(**{field: value})).encode()
-    response, request_id = send(client, raw)
+    response, request_id = await send(local_gateway, raw)
     assert response.status_code == 200, response.text
-    (sent,) = upstream.find(request_id)
+    (sent,) = local_upstream.find(request_id)
     assert sent.body == raw
 
 
 @pytest.mark.parametrize(("field", "value", "code"), REJECTED)
-def test_values_out_of_range_or_of_the_wrong_type_are_400(
-    client: httpx.Client, upstream: ScriptedUpstream, field: str, value: Any, code: str
+async def test_values_out_of_range_or_of_the_wrong_type_are_400(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream, field: str, value: Any, code: str
 ) -> None:
-    response, request_id = send(client, chat(**{field: value}))
+    response, request_id = await send(local_gateway, chat(**{field: value}))
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == field
     assert error["code"] == code
     assert error["type"] == "invalid_request_error"
     assert error["message"].startswith(field)
-    assert upstream.find(request_id) == []
+    assert local_upstream.find(request_id) == []
 
 
-def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -> None:
-    assert send(client, chat(temperature=2.5))[0].json() == {
+async def test_the_error_message_names_the_bound_and_the_value(local_gateway: InProcessGateway) -> None:
+    assert (await send(local_gateway, chat(temperature=2.5)))[0].json() == {
         "error": {
             "message": "temperature must be ≤ 2, got 2.5",
             "type": "invalid_request_error",
@@ -109,19 +114,20 @@ def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -
             "code": "invalid_value",
         }
     }
-    assert send(client, chat(top_p=0))[0].json()["error"]["message"] == "top_p must be > 0, got 0"
-    assert (
-        send(client, chat(top_k=5.0))[0].json()["error"]["message"]
-        == "top_k must be an integer, got number 5.0"
-    )
-    too_big = send(
-        client,
+    assert (await send(local_gateway, chat(top_p=0)))[0].json()["error"][
+        "message"
+    ] == "top_p must be > 0, got 0"
+    assert (await send(local_gateway, chat(top_k=5.0)))[0].json()["error"][
+        "message"
+    ] == "top_k must be an integer, got number 5.0"
+    too_big = await send(
+        local_gateway,
         b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}'
         % MODEL.encode(),
     )
     assert too_big[0].json()["error"]["message"].startswith("seed must be < 9223372036854775808, got ")
-    huge = send(
-        client,
+    huge = await send(
+        local_gateway,
         b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}'
         % MODEL.encode(),
     )
@@ -130,28 +136,30 @@ def test_the_error_message_names_the_bound_and_the_value(client: httpx.Client) -
         == "temperature must be a number, got a number too large for a double"
     )
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}
-    missing = send(client, {"model": MODEL, "messages": [image]})[0].json()["error"]["message"]
+    missing = (await send(local_gateway, {"model": MODEL, "messages": [image]}))[0].json()["error"]["message"]
     assert missing == "messages[0].content[0].image_url.url must be a string, got null"
 
 
-def test_null_means_not_sent_and_is_passed_through(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+async def test_null_means_not_sent_and_is_passed_through(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream
+) -> None:
     raw = json.dumps(chat(temperature=None, seed=None, user=None, tool_choice=None, stream=None)).encode()
-    response, request_id = send(client, raw)
+    response, request_id = await send(local_gateway, raw)
     assert response.status_code == 200
-    assert upstream.find(request_id)[0].body == raw
+    assert local_upstream.find(request_id)[0].body == raw
 
 
-def test_unknown_fields_pass_through_and_no_defaults_are_added(
-    client: httpx.Client, upstream: ScriptedUpstream
+async def test_unknown_fields_pass_through_and_no_defaults_are_added(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream
 ) -> None:
     raw = (
         b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100},\n'
         % (MODEL.encode())
         + b' "response_format": {"type": "json_object"}, "n": 1, "x_vendor": [1, 2.50, "\\u00e9"]}'
     )
-    response, request_id = send(client, raw)
+    response, request_id = await send(local_gateway, raw)
     assert response.status_code == 200
-    assert upstream.find(request_id)[0].body == raw
+    assert local_upstream.find(request_id)[0].body == raw
 
 
 @pytest.mark.parametrize(
@@ -169,22 +177,24 @@ def test_unknown_fields_pass_through_and_no_defaults_are_added(
         (b'{"model": "%s", "messages": [{"role": "system", "role": "user", "content": "hi"}]}', "role"),
     ],
 )
-def test_a_key_given_twice_is_refused(
-    client: httpx.Client, upstream: ScriptedUpstream, raw: bytes, param: str
+async def test_a_key_given_twice_is_refused(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream, raw: bytes, param: str
 ) -> None:
     """The gateway checks one of the two values; upstream might use the other: neither is sent."""
-    response, request_id = send(client, raw % MODEL.encode())
+    response, request_id = await send(local_gateway, raw % MODEL.encode())
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "duplicate_key" and error["param"] == param and "twice" in error["message"]
-    assert upstream.find(request_id) == []
+    assert local_upstream.find(request_id) == []
 
 
-def test_a_quoted_colon_in_a_string_is_not_a_key(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+async def test_a_quoted_colon_in_a_string_is_not_a_key(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream
+) -> None:
     raw = b'{"model": "%s", "messages": [{"role": "user", "content": "say \\"hi\\": ok"}]}' % MODEL.encode()
-    response, request_id = send(client, raw)
+    response, request_id = await send(local_gateway, raw)
     assert response.status_code == 200
-    assert upstream.find(request_id)[0].body == raw
+    assert local_upstream.find(request_id)[0].body == raw
 
 
 @pytest.mark.parametrize(
@@ -197,8 +207,8 @@ def test_a_quoted_colon_in_a_string_is_not_a_key(client: httpx.Client, upstream:
         b'{"include_usage": false, "n": 123456789012345678901234567890}',  # exact, not a float
     ],
 )
-def test_only_stream_options_changes_when_the_gateway_asks_for_usage(
-    client: httpx.Client, upstream: ScriptedUpstream, options: bytes
+async def test_only_stream_options_changes_when_the_gateway_asks_for_usage(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream, options: bytes
 ) -> None:
     """Every other byte stays as the caller wrote it: number forms, escapes, spacing, key order."""
     head = (
@@ -206,27 +216,27 @@ def test_only_stream_options_changes_when_the_gateway_asks_for_usage(
         b' "x_f": 1.50, "x_e": 1E2, "x_big": 123456789012345678901234567890, "stream": true,' % MODEL.encode()
     )
     tail = b' , "z": [1, {"a": "}"}] }'
-    response, request_id = send(client, head + b' "stream_options" :  ' + options + tail)
+    response, request_id = await send(local_gateway, head + b' "stream_options" :  ' + options + tail)
     assert response.status_code == 200
-    sent = upstream.find(request_id)[0].body
+    sent = local_upstream.find(request_id)[0].body
     ours = {**(json.loads(options) or {}), "include_usage": True}
     assert sent == head + b' "stream_options" :  ' + json.dumps(ours, separators=(",", ":")).encode() + tail
 
 
-def test_deeply_nested_stream_options_are_a_400_not_a_crash(client: httpx.Client) -> None:
+async def test_deeply_nested_stream_options_are_a_400_not_a_crash(local_gateway: InProcessGateway) -> None:
     deep = b"[" * 990 + b"]" * 990
     raw = (
         b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stream": true, ' % MODEL.encode()
     )
     for options in (b'{"x": ' + deep + b"}", b'{"x": 1e400}'):
-        response, _ = send(client, raw + b'"stream_options": ' + options + b"}")
+        response, _ = await send(local_gateway, raw + b'"stream_options": ' + options + b"}")
         assert response.status_code == 400
         assert response.json()["error"]["param"] == "stream_options"
 
 
-def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> None:
+async def test_specific_function_tool_choice_is_unsupported(local_gateway: InProcessGateway) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    error = send(client, chat(tool_choice=choice))[0].json()["error"]
+    error = (await send(local_gateway, chat(tool_choice=choice)))[0].json()["error"]
     assert error["param"] == "tool_choice" and error["code"] == "unsupported_value"
 
 
@@ -279,14 +289,16 @@ def test_specific_function_tool_choice_is_unsupported(client: httpx.Client) -> N
         ),
     ],
 )
-def test_message_grammar(client: httpx.Client, upstream: ScriptedUpstream, messages: Any, param: str) -> None:
-    response, request_id = send(client, {"model": MODEL, "messages": messages})
+async def test_message_grammar(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream, messages: Any, param: str
+) -> None:
+    response, request_id = await send(local_gateway, {"model": MODEL, "messages": messages})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
-    assert upstream.find(request_id) == []
+    assert local_upstream.find(request_id) == []
 
 
-def test_valid_conversations_pass(client: httpx.Client) -> None:
+async def test_valid_conversations_pass(local_gateway: InProcessGateway) -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ", "detail": "low"}}
     shouted = {"type": "image_url", "image_url": {"url": "HTTPS://example.com/a.png"}}  # schemes ignore case
     messages = [
@@ -296,54 +308,60 @@ def test_valid_conversations_pass(client: httpx.Client) -> None:
         {"role": "tool", "content": "42", "tool_call_id": "1"},
         {"role": "user", "content": [{"type": "text", "text": "and this?"}, image, shouted]},
     ]
-    assert send(client, {"model": MODEL, "messages": messages})[0].status_code == 200
+    assert (await send(local_gateway, {"model": MODEL, "messages": messages}))[0].status_code == 200
 
 
 @pytest.mark.parametrize(
     ("model", "status", "code"), [("gpt-4o", 404, "model_not_found"), (None, 400, None), (7, 400, None)]
 )
-def test_model_must_be_one_the_gateway_serves(
-    client: httpx.Client, upstream: ScriptedUpstream, model: Any, status: int, code: str | None
+async def test_model_must_be_one_the_gateway_serves(
+    local_gateway: InProcessGateway,
+    local_upstream: FunctionUpstream,
+    model: Any,
+    status: int,
+    code: str | None,
 ) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}]}
     if model is not None:
         body["model"] = model
-    response, request_id = send(client, body)
+    response, request_id = await send(local_gateway, body)
     assert response.status_code == status
     assert response.json()["error"]["param"] == "model"
     if code:
         assert response.json()["error"]["code"] == code
-    assert upstream.find(request_id) == []
+    assert local_upstream.find(request_id) == []
 
 
 @pytest.mark.parametrize(
     "raw", [b"", b"{", b"not json", b"[1, 2]", b'"text"', b"null", b'{"a": NaN}', b"\xff\xfe"]
 )
-def test_bodies_that_are_not_a_json_object_are_400(client: httpx.Client, raw: bytes) -> None:
-    response, _ = send(client, raw)
+async def test_bodies_that_are_not_a_json_object_are_400(local_gateway: InProcessGateway, raw: bytes) -> None:
+    response, _ = await send(local_gateway, raw)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_bodies_over_the_limit_are_413(client: httpx.Client, upstream: ScriptedUpstream) -> None:
+async def test_bodies_over_the_limit_are_413(
+    local_gateway: InProcessGateway, local_upstream: FunctionUpstream
+) -> None:
     padding = "x" * MAX_BODY_BYTES
-    response, request_id = send(client, chat(padding))
+    response, request_id = await send(local_gateway, chat(padding))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
-    assert upstream.find(request_id) == []
+    assert local_upstream.find(request_id) == []
 
-    def chunked() -> Any:  # no Content-Length: the limit is enforced while reading
+    async def chunked() -> Any:  # no Content-Length: the limit is enforced while reading
         yield b'{"model": "%s", "messages": [{"role": "user", "content": "' % MODEL.encode()
         for _ in range(MAX_BODY_BYTES // 65536 + 1):
             yield b"x" * 65536
         yield b'"}]}'
 
-    response = client.post(CHAT_PATH, content=chunked())
+    response = await local_gateway.client.post(CHAT_PATH, content=chunked())
     assert response.status_code == 413
 
 
-def test_a_body_just_under_the_limit_is_accepted(client: httpx.Client) -> None:
+async def test_a_body_just_under_the_limit_is_accepted(local_gateway: InProcessGateway) -> None:
     body = chat("")
     overhead = len(json.dumps(body).encode())
-    response, _ = send(client, chat("y" * (MAX_BODY_BYTES - overhead)))
+    response, _ = await send(local_gateway, chat("y" * (MAX_BODY_BYTES - overhead)))
     assert response.status_code == 200

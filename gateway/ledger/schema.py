@@ -4,11 +4,20 @@
 workers and instances never contend on a hot row. Money is an integer count of nano-dollars.
 Times are integer microseconds since the epoch (UTC) plus the UTC day as text, so that ranges and
 per-day groups are the same plain comparisons on every backend.
+
+This is the one list of the ledger's columns: LedgerRow (store.py) mirrors `requests`, and the
+INSERT, the spill file and the dead letters take their names from it. A migration copies the tables
+as they were at its revision, as history: it is never derived from this file.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, LargeBinary, MetaData, String, Table
+
+# Text lengths that other modules check against too: a caller key's name (config, admin API, CLI) and
+# a model's name (config).
+KEY_NAME_CHARS = 200
+MODEL_CHARS = 500
 
 metadata = MetaData()
 
@@ -19,9 +28,9 @@ requests = Table(
     Column("request_id", String(200), nullable=False),
     Column("ts_us", BigInteger, nullable=False),
     Column("day", String(10), nullable=False),
-    Column("key_name", String(200), nullable=False),
+    Column("key_name", String(KEY_NAME_CHARS), nullable=False),
     Column("user", String(500)),
-    Column("model", String(500)),
+    Column("model", String(MODEL_CHARS)),
     Column("stream", Boolean, nullable=False),
     Column("outcome", String(32), nullable=False),
     Column("status", Integer, nullable=False),
@@ -42,7 +51,7 @@ requests = Table(
 api_keys = Table(
     "api_keys",
     metadata,
-    Column("name", String(200), primary_key=True),
+    Column("name", String(KEY_NAME_CHARS), primary_key=True),
     Column("sha256", LargeBinary(32), nullable=False, unique=True),
     Column("created_us", BigInteger, nullable=False),
     Column("revoked_us", BigInteger),

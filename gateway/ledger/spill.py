@@ -8,8 +8,10 @@ it is skipped (its rows were never acknowledged, as rows in memory are not).
 Each writer appends to its own `spill-<pid>-<random>.jsonl`, fsync'd per batch, and holds an
 exclusive `flock` on it for as long as it lives. A file whose lock can be taken belongs to nobody
 alive (its writer was killed, or stopped while the database was down): any writer may claim it,
-replay its rows (inserts are idempotent) and delete it. `dead-letter.jsonl` is shared, appended
-whole lines at a time (O_APPEND), and never read by the gateway: it is for an operator.
+replay its rows (inserts are idempotent) and delete it. A spill file is read back through the
+descriptor that holds its lock, not by its path: one deleted or replaced meanwhile is still replayed
+whole, and its path is deleted only if it still names that file. `dead-letter.jsonl` is shared,
+appended whole lines at a time (O_APPEND), and never read by the gateway: it is for an operator.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.ledger.store import LedgerRow
+from gateway.ledger.store import ROW_FIELDS, LedgerRow, row_values
 
 DEAD_LETTER_FILE = "dead-letter.jsonl"
 SPILL_GLOB = "spill-*.jsonl"
-_ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))
 
 
 def encode_row(row: LedgerRow) -> bytes:
@@ -50,9 +53,11 @@ class SpilledBatch:
     unreadable: list[bytes]  # complete lines that are not rows (never written by this version)
 
 
-def read_batches(path: Path, start: int, batch_size: int) -> Iterator[SpilledBatch]:
-    """The rows of a spill file from offset `start`, `batch_size` at a time; a torn last line ends it."""
-    with path.open("rb") as file:
+def _read_batches(fd: int, start: int, batch_size: int) -> Iterator[SpilledBatch]:
+    """The rows of the spill file open as `fd`, from offset `start`, `batch_size` at a time; a torn
+    last line ends it. Read through a copy of the descriptor, which shares its offset: harmless, a
+    spill file is only appended to (O_APPEND) and read by the thread that holds it."""
+    with os.fdopen(os.dup(fd), "rb") as file:
         file.seek(start)
         batch = SpilledBatch([], start, [])
         for line in file:
@@ -94,16 +99,24 @@ class SpillFile:
         self._size += len(data)
         self.rows_waiting += len(rows)
 
+    def batches(self, batch_size: int) -> Iterator[SpilledBatch]:
+        """The rows not yet replayed (none if there is no file)."""
+        if self._fd is None:
+            return iter(())
+        return _read_batches(self._fd, self.replayed_to, batch_size)
+
     def replayed(self, batch: SpilledBatch) -> None:
         self.replayed_to = batch.end
         self.rows_waiting = max(0, self.rows_waiting - len(batch.rows))
 
     def remove(self) -> None:
-        """Delete the file (every row in it is in the database), then let go of its lock."""
-        if self.path is not None and self._fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self._fd)
-        self.path, self._fd, self._size, self.replayed_to, self.rows_waiting = None, None, 0, 0, 0
+        """Delete the file (every row in it is in the database), then let go of its lock. If the
+        delete fails (OSError), the lock is let go all the same: the file is an orphan then."""
+        try:
+            if self.path is not None and self._fd is not None:
+                _unlink_if_same(self.path, self._fd)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Close without deleting: a file with rows left becomes an orphan that the next writer replays."""
@@ -113,14 +126,24 @@ class SpillFile:
 
     def _create(self) -> int:
         # Made under a name no claimer looks at, locked, then renamed: nobody can claim it empty.
+        # Readable too: its rows are read back through this descriptor (see the module's docstring).
         make_directory(self.directory)
         name = f"spill-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-        hidden = self.directory / f".{name}.new"
-        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(hidden, self.directory / name)
-        _fsync_directory(self.directory)  # the file's name survives a power cut too
-        self.path, self._fd, self._size = self.directory / name, fd, 0
+        hidden, path = self.directory / f".{name}.new", self.directory / name
+        fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        made = hidden
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(hidden, path)
+            made = path
+            _fsync_directory(self.directory)  # the file's name survives a power cut too
+        except OSError:
+            # Each retry would otherwise leave a descriptor open and an empty file locked for good.
+            with suppress(OSError):
+                made.unlink()
+            os.close(fd)
+            raise
+        self.path, self._fd, self._size = path, fd, 0
         return fd
 
 
@@ -131,12 +154,21 @@ class ClaimedFile:
     path: Path
     fd: int
 
+    def batches(self, batch_size: int) -> Iterator[SpilledBatch]:
+        return _read_batches(self.fd, 0, batch_size)
+
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
+        """Delete it (every row in it is in the database), then let go of it, even if the delete fails."""
+        try:
+            _unlink_if_same(self.path, self.fd)
+        finally:
+            self.release()
 
     def release(self) -> None:
-        os.close(self.fd)
+        """Let go of it (it stays for the next claimer); once only, whatever the caller did before."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def claim_orphans(directory: Path, own: Path | None) -> Iterator[ClaimedFile]:
@@ -153,27 +185,35 @@ def claim_orphans(directory: Path, own: Path | None) -> Iterator[ClaimedFile]:
 
 
 def _try_claim(path: Path) -> ClaimedFile | None:
+    """The spill file at `path`, locked; None if it is not one to replay now: held by a live writer,
+    removed meanwhile by another claimer, or not a readable regular file (a folder, a symlink loop,
+    no read permission), which is left alone, never fatal."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # another writer replayed and removed it meanwhile
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO there must not hang it
+    except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # The lock is on the file opened; the path must still name it (not removed since the open).
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            return ClaimedFile(path, fd)
+        opened = os.fstat(fd)
+        if stat.S_ISREG(opened.st_mode):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The lock is on the file opened; the path must still name it (not removed since the open).
+            if os.stat(path).st_ino == opened.st_ino:
+                return ClaimedFile(path, fd)
     except OSError:  # BlockingIOError: a live writer holds it; FileNotFoundError: just removed
         pass
     os.close(fd)
     return None
 
 
-def spilled_files(directory: Path) -> int:
-    """How many spill files the folder holds (this writer's, other live writers', orphans)."""
+def _unlink_if_same(path: Path, fd: int) -> None:
+    """Delete `path` if it still names the file open as `fd`, not one put there since."""
     try:
-        return sum(1 for _ in directory.glob(SPILL_GLOB))
-    except OSError:
-        return 0
+        found = os.stat(path)
+    except FileNotFoundError:
+        return
+    opened = os.fstat(fd)
+    if (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino):
+        path.unlink(missing_ok=True)
 
 
 class DeadLetters:
@@ -202,7 +242,7 @@ class DeadLetters:
 
 
 def _row_dict(row: LedgerRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in _ROW_FIELDS}
+    return dict(zip(ROW_FIELDS, row_values(row), strict=True))
 
 
 def _json_line(value: dict[str, Any]) -> bytes:

@@ -39,10 +39,17 @@ NANOS_PER_USD = Decimal(1_000_000_000)
 # A PostgreSQL that drops packets instead of refusing them would hold a connect (and every row behind
 # it) for the system's TCP timeout, minutes; after this many seconds the writer spills instead.
 _POSTGRES_CONNECT_TIMEOUT_S = 5
+# Worker processes sharing one SQLite file wait this long for each other's write lock before failing
+# (a batch takes milliseconds; a failed one is retried or spilled, never lost).
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+_KEY_BYTES = 32  # an issued key's randomness: 256 bits, never guessed
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerRow:
+    """One row of the `requests` table: its fields are the table's columns, in order (schema.py has
+    their types; tests/test_ledger.py checks that the two agree)."""
+
     row_id: str
     request_id: str
     ts_us: int
@@ -64,13 +71,14 @@ class LedgerRow:
     service_tier: str | None
 
 
-_ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))
+ROW_FIELDS = tuple(field.name for field in fields(LedgerRow))  # the column list, for every other use
 # A batch is written as INSERTs of these sizes only (61 rows: 3 x 16, 3 x 4, 1 x 1). The database
 # drivers cache each distinct statement they run (sqlite3 keeps 128 compiled ones per connection,
 # psycopg prepares repeated ones): one size per batch length made that memory grow for minutes
 # under load. 256 rows x 19 parameters stays well under SQLite's 32,766 and PostgreSQL's 65,535.
 _ROWS_PER_INSERT = (256, 64, 16, 4, 1)
-_row_values = attrgetter(*_ROW_FIELDS)  # dataclasses.asdict deep-copies: too slow for thousands of rows
+# A row's values in ROW_FIELDS order; dataclasses.asdict deep-copies: too slow for thousands of rows.
+row_values = attrgetter(*ROW_FIELDS)
 
 
 _PING_ROW = LedgerRow(
@@ -163,12 +171,13 @@ class Ledger:
         self.engine.dispose()
 
     def file_identity(self) -> FileIdentity | None:
-        """SQLite: the file its path names now (None: no file there). PostgreSQL: always None."""
+        """SQLite: the file its path names now (None: no file there, or none that can be reached: a
+        folder of the path replaced by a file, no search permission). PostgreSQL: always None."""
         if self.sqlite_path is None:
             return None
         try:
             found = os.stat(self.sqlite_path)
-        except FileNotFoundError:
+        except OSError:
             return None
         return (found.st_dev, found.st_ino)
 
@@ -193,7 +202,7 @@ class Ledger:
         rows. The writer asks after a batch failed, to tell a refused row from an unavailable ledger.
         """
         with self.engine.connect() as connection, connection.begin() as transaction:
-            connection.exec_driver_sql(self._insert_sql[1], _row_values(_PING_ROW))
+            connection.exec_driver_sql(self._insert_sql[1], row_values(_PING_ROW))
             transaction.rollback()
 
     def insert(self, rows: Sequence[LedgerRow]) -> None:
@@ -207,7 +216,7 @@ class Ledger:
             at = 0
             for size in _ROWS_PER_INSERT:
                 while len(rows) - at >= size:
-                    params = tuple(value for row in rows[at : at + size] for value in _row_values(row))
+                    params = tuple(value for row in rows[at : at + size] for value in row_values(row))
                     connection.exec_driver_sql(self._insert_sql[size], params)
                     at += size
 
@@ -235,21 +244,11 @@ class Ledger:
             rows = connection.execute(query).all()
         return [(row[0], UsageTotal(row[1], *(int(value or 0) for value in row[2:]))) for row in rows]
 
-    def count_rows(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(select(func.count()).select_from(requests)).scalar_one())
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Every booked row, oldest first (for tests and exports)."""
-        with self.engine.connect() as connection:
-            result = connection.execute(select(requests).order_by(requests.c.ts_us))
-            return [dict(row._mapping) for row in result]
-
     # --- issued keys ---------------------------------------------------------------------------------
 
     def create_key(self, name: str) -> str:
         """Issue a key; return it (the only time it is seen: only its SHA-256 is stored)."""
-        key = "sk-gw-" + secrets.token_urlsafe(32)
+        key = "sk-gw-" + secrets.token_urlsafe(_KEY_BYTES)
         row = {"name": name, "sha256": hashlib.sha256(key.encode()).digest(), "created_us": _now_us()}
         try:
             with self.engine.begin() as connection:
@@ -313,8 +312,8 @@ def _within(query: Select[Any], since_us: int | None, until_us: int | None) -> S
 
 def _insert_sql(rows: int, marker: str) -> str:
     """INSERT of `rows` rows; a batch retried after an ambiguous failure is written once."""
-    columns = ", ".join(f'"{name}"' for name in _ROW_FIELDS)
-    one_row = "(" + ", ".join([marker] * len(_ROW_FIELDS)) + ")"
+    columns = ", ".join(f'"{name}"' for name in ROW_FIELDS)
+    one_row = "(" + ", ".join([marker] * len(ROW_FIELDS)) + ")"
     values = ", ".join([one_row] * rows)
     return f"INSERT INTO requests ({columns}) VALUES {values} ON CONFLICT (row_id) DO NOTHING"  # noqa: S608
 
@@ -325,5 +324,5 @@ def _sqlite_pragmas(connection: Any, record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
