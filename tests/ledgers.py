@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from gateway.ledger.schema import requests
 from gateway.ledger.store import Ledger
+from tests.eventually import eventually
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BACKENDS = ("sqlite", "postgresql")
@@ -52,6 +53,59 @@ def count_rows(ledger: Ledger) -> int:
     """How many rows the requests table holds."""
     with ledger.engine.connect() as connection:
         return int(connection.execute(select(func.count()).select_from(requests)).scalar_one())
+
+
+def row_count(url: str) -> int:
+    """How many rows the ledger at `url` holds."""
+    ledger = Ledger(url)
+    try:
+        return count_rows(ledger)
+    finally:
+        ledger.close()
+
+
+def all_rows(url: str) -> list[dict[str, Any]]:
+    """Every row of the ledger at `url`, oldest first."""
+    ledger = Ledger(url)
+    try:
+        return booked_rows(ledger)
+    finally:
+        ledger.close()
+
+
+def rows_once_booked(url: str, count: int, *, within_s: float) -> list[dict[str, Any]]:
+    """Every row of the ledger at `url`, once it holds at least `count` (rows are written off the
+    request path)."""
+    ledger = Ledger(url)
+    try:
+        eventually(
+            lambda: count_rows(ledger),
+            until=lambda rows: rows >= count,
+            within_s=within_s,
+            waiting_for=f"{count} rows in the ledger",
+        )
+        return booked_rows(ledger)
+    finally:
+        ledger.close()
+
+
+def rows_of_request(url: str, request_id: str, *, within_s: float) -> list[dict[str, Any]]:
+    """The rows booked for one request id, once there is one."""
+    ledger = Ledger(url)
+    try:
+        return eventually(
+            lambda: [row for row in booked_rows(ledger) if row["request_id"] == request_id],
+            within_s=within_s,
+            waiting_for=f"the row of request {request_id}",
+        )
+    finally:
+        ledger.close()
+
+
+def row_of_request(url: str, request_id: str, *, within_s: float) -> dict[str, Any]:
+    """The one row booked for a request id, once it is there."""
+    (row,) = rows_of_request(url, request_id, within_s=within_s)
+    return row
 
 
 @contextmanager

@@ -21,10 +21,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.cli import main
-from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY, CAROL_KEY, auth_headers, chat
 from tests.eventually import eventually
-from tests.ledgers import BACKENDS, booked_rows, count_rows, ledger_database
+from tests.ledgers import BACKENDS, ledger_database, row_count, rows_once_booked
 from tests.scenarios import USAGE
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
@@ -80,32 +79,9 @@ def report(gateway: GatewayProcess, group_by: str, **params: str) -> dict[str, d
     return {row[group_by]: row for row in response.json()["data"]}
 
 
-def row_count(gateway: GatewayProcess) -> int:
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        return count_rows(ledger)
-    finally:
-        ledger.close()
-
-
-def wait_for_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
-    """Rows are written off the request path; the spec gives them one second to show."""
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        eventually(
-            lambda: count_rows(ledger),
-            until=lambda rows: rows >= count,
-            within_s=1.0,
-            waiting_for=f"{count} rows in the ledger",
-        )
-        return booked_rows(ledger)
-    finally:
-        ledger.close()
-
-
 def test_reports_equal_what_upstream_reported_to_the_nano_dollar(booked: GatewayProcess) -> None:
     """A mix of plain and streamed requests from three keys and three users."""
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     expected: dict[str, list[int]] = {}  # user -> [requests, total tokens, nanos]
     clients = {
         key: openai.OpenAI(base_url=booked.url + "/v1/openai", api_key=key, max_retries=0)
@@ -130,7 +106,7 @@ def test_reports_equal_what_upstream_reported_to_the_nano_dollar(booked: Gateway
         totals[0] += 1
         totals[1] += USAGE["total_tokens"]
         totals[2] += nanos
-    all_rows = wait_for_rows(booked, before + len(plan))
+    all_rows = rows_once_booked(booked.ledger_url, before + len(plan), within_s=1.0)
 
     by_user = report(booked, "user")
     for user, (requests, tokens, nanos) in expected.items():
@@ -189,7 +165,7 @@ def test_any_mix_of_requests_outcomes_and_prices_adds_up_exactly(
     booked: GatewayProcess, mix: list[tuple[str, str, str]]
 ) -> None:
     user = f"u-{uuid.uuid4().hex[:10]}"
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     tokens = nanos = 0
     with httpx.Client(base_url=booked.url, timeout=10) as client:
         for kind, model, key in mix:
@@ -198,7 +174,7 @@ def test_any_mix_of_requests_outcomes_and_prices_adds_up_exactly(
             client.post("/v1/openai/chat/completions", json=body, headers=auth_headers(key)).read()
             tokens += kind_tokens
             nanos += price_table_nanos(model) if kind_nanos is None else kind_nanos
-    wait_for_rows(booked, before + len(mix))
+    rows_once_booked(booked.ledger_url, before + len(mix), within_s=1.0)
     total = report(booked, "user")[user]
     assert (total["requests"], total["total_tokens"]) == (len(mix), tokens)
     assert Decimal(str(total["estimated_cost"])) == Decimal(nanos) / 10**9
@@ -210,14 +186,14 @@ def test_costs_callers_are_told_add_up_to_the_reports(booked: GatewayProcess) ->
     user = f"told-{uuid.uuid4().hex[:6]}"
     client = openai.OpenAI(base_url=booked.url + "/v1/openai", api_key=CALLER_KEY, max_retries=0)
     told = Decimal(0)
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     for _ in range(7):
         reply = client.chat.completions.create(
             model=ODD_MODEL, messages=[{"role": "user", "content": "scenario:no_cost"}], user=user
         )
         assert reply.usage is not None
         told += Decimal(repr(reply.usage.model_extra["estimated_cost"]))
-    wait_for_rows(booked, before + 7)
+    rows_once_booked(booked.ledger_url, before + 7, within_s=1.0)
     with admin(booked) as http:
         text = http.get("/admin/usage", params={"group_by": "user"}).text
     (mine,) = [row for row in json.loads(text, parse_float=Decimal)["data"] if row["user"] == user]
@@ -232,12 +208,12 @@ def test_usage_json_is_exact_decimal_text(booked: GatewayProcess) -> None:
 
 def test_rejected_requests_are_booked_at_zero(booked: GatewayProcess) -> None:
     user = f"u-{uuid.uuid4().hex[:6]}"
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     for body in (chat(temperature=3, user=user), chat(model="nope", user=user)):
         assert httpx.post(
             booked.url + "/v1/openai/chat/completions", json=body, headers=auth_headers()
         ).status_code in (400, 404)
-    all_rows = wait_for_rows(booked, before + 2)
+    all_rows = rows_once_booked(booked.ledger_url, before + 2, within_s=1.0)
     zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated_cost": 0}
     assert report(booked, "user")[user] == {"user": user, "requests": 2, **zero}
     rows = [r for r in all_rows if r["user"] == user]
@@ -248,7 +224,7 @@ def test_an_abandoned_stream_is_booked_with_estimated_tokens(
     booked: GatewayProcess, upstream: ScriptedUpstream
 ) -> None:
     request_id = str(uuid.uuid4())
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     with (
         httpx.Client(base_url=booked.url, headers=auth_headers(request_id=request_id), timeout=10) as caller,
         caller.stream(
@@ -259,7 +235,11 @@ def test_an_abandoned_stream_is_booked_with_estimated_tokens(
     ):
         next(response.iter_raw())
     assert upstream.closed(request_id).wait(1.0)
-    (row,) = [r for r in wait_for_rows(booked, before + 1) if r["request_id"] == request_id]
+    (row,) = [
+        r
+        for r in rows_once_booked(booked.ledger_url, before + 1, within_s=1.0)
+        if r["request_id"] == request_id
+    ]
     assert row["outcome"] == "client_disconnected"
     assert row["usage_source"] == "estimated" and row["completion_tokens"] == 1  # one content chunk was sent
     assert row["prompt_tokens"] > 0 and row["cost_nanos"] == row["total_tokens"] * 49
@@ -267,7 +247,7 @@ def test_an_abandoned_stream_is_booked_with_estimated_tokens(
 
 def test_upstream_failures_are_booked(booked: GatewayProcess) -> None:
     user = f"u-{uuid.uuid4().hex[:6]}"
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     for scenario in ("rate_limited", "garbage", "stall"):
         httpx.post(
             booked.url + "/v1/openai/chat/completions",
@@ -277,7 +257,7 @@ def test_upstream_failures_are_booked(booked: GatewayProcess) -> None:
         )
     rows = sorted(
         (r["outcome"], r["status"], r["cost_nanos"])
-        for r in wait_for_rows(booked, before + 3)
+        for r in rows_once_booked(booked.ledger_url, before + 3, within_s=1.0)
         if r["user"] == user
     )
     assert rows == [("timeout", 504, 0), ("upstream_error", 429, 0), ("upstream_error", 502, 0)]
@@ -304,10 +284,10 @@ def test_bad_report_parameters_are_400_naming_them(
 
 def test_the_daily_series_adds_up_to_the_totals(booked: GatewayProcess) -> None:
     """The dashboard's chart (per day, stacked) and its table (per group) come from one ledger."""
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     for user in ("u-day-1", "u-day-2", "u-day-2"):
         httpx.post(booked.url + "/v1/openai/chat/completions", json=chat(user=user), headers=auth_headers())
-    wait_for_rows(booked, before + 3)
+    rows_once_booked(booked.ledger_url, before + 3, within_s=1.0)
     today = time.strftime("%Y-%m-%d", time.gmtime())
     with admin(booked) as client:
         for group_by in ("user", "key", "model"):
@@ -363,9 +343,9 @@ def test_dashboard_endpoints_answer_any_parameters_with_data_or_a_clear_400(
 
 
 def test_time_ranges_and_csv(booked: GatewayProcess) -> None:
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     httpx.post(booked.url + "/v1/openai/chat/completions", json=chat(user="u-range"), headers=auth_headers())
-    wait_for_rows(booked, before + 1)
+    rows_once_booked(booked.ledger_url, before + 1, within_s=1.0)
     today = time.strftime("%Y-%m-%d", time.gmtime())
     assert today in report(booked, "day")
     assert report(booked, "day", since="2000-01-01", until="2000-01-02") == {}
@@ -381,13 +361,13 @@ def test_csv_keeps_spreadsheets_from_running_user_names(booked: GatewayProcess) 
     """Callers choose `user`: in CSV a name a spreadsheet would run as a formula starts with ', in JSON
     it is exact."""
     names = ["=cmd|' /C calc'!A0", "+1", "-2", "@SUM(A1)", "\tx", "a=b"]
-    before = row_count(booked)
+    before = row_count(booked.ledger_url)
     for name in names:
         response = httpx.post(
             booked.url + "/v1/openai/chat/completions", json=chat(user=name), headers=auth_headers()
         )
         assert response.status_code == 200
-    wait_for_rows(booked, before + len(names))
+    rows_once_booked(booked.ledger_url, before + len(names), within_s=1.0)
     assert set(names) <= set(report(booked, "user"))
     with admin(booked) as client:
         for path in ("/admin/usage", "/admin/usage/daily"):
@@ -424,7 +404,7 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
         assert key not in str(listed)
 
         url = booked.url + "/v1/openai/chat/completions"
-        before = row_count(booked)
+        before = row_count(booked.ledger_url)
         statuses: list[int] = []
 
         def call() -> int:
@@ -439,7 +419,9 @@ def test_issue_use_and_revoke_a_key(booked: GatewayProcess) -> None:
         )
         # Calls made before every worker saw the revocation were served, and are booked.
         booked_rows = [
-            row for row in wait_for_rows(booked, before + statuses.count(200)) if row["key_name"] == name
+            row
+            for row in rows_once_booked(booked.ledger_url, before + statuses.count(200), within_s=1.0)
+            if row["key_name"] == name
         ]
         assert len(booked_rows) == statuses.count(200)
         assert client.delete("/admin/keys/nobody").status_code == 404

@@ -16,10 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.eventually import eventually
-from tests.ledgers import BACKENDS, booked_rows, count_rows, ledger_database
+from tests.ledgers import BACKENDS, ledger_database, row_count, rows_once_booked
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -50,29 +48,6 @@ def edge(
         process.stop()
 
 
-def ledger_rows(gateway: GatewayProcess, count: int) -> list[dict[str, Any]]:
-    """The ledger's rows once it holds `count` (rows are written off the request path)."""
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        eventually(
-            lambda: count_rows(ledger),
-            until=lambda rows: rows >= count,
-            within_s=5.0,
-            waiting_for=f"{count} rows in the ledger",
-        )
-        return booked_rows(ledger)
-    finally:
-        ledger.close()
-
-
-def row_count(gateway: GatewayProcess) -> int:
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        return count_rows(ledger)
-    finally:
-        ledger.close()
-
-
 def post_raw(gateway: GatewayProcess, raw: bytes, request_id: str | None = None) -> httpx.Response:
     headers = auth_headers(request_id=request_id or str(uuid.uuid4()))
     return httpx.post(gateway.url + CHAT_PATH, content=raw, headers=headers, timeout=10)
@@ -82,7 +57,7 @@ def assert_the_books_move(gateway: GatewayProcess, rows_before: int, sent: int) 
     """Every request sent is booked, a normal request after them too, and /readyz says ready."""
     normal = post_raw(gateway, json.dumps(chat()).encode(), request_id=f"after-{uuid.uuid4()}")
     assert normal.status_code == 200
-    rows = ledger_rows(gateway, rows_before + sent + 1)
+    rows = rows_once_booked(gateway.ledger_url, rows_before + sent + 1, within_s=5.0)
     assert normal.headers["x-request-id"] in {row["request_id"] for row in rows}
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -104,10 +79,14 @@ def user_body(user_json: str) -> bytes:
 
 @pytest.mark.parametrize("user", USER_ACCEPTED)
 def test_a_user_of_up_to_256_characters_is_accepted_and_booked(edge: GatewayProcess, user: str) -> None:
-    before = row_count(edge)
+    before = row_count(edge.ledger_url)
     response = post_raw(edge, user_body(user))
     assert response.status_code == 200, response.text
-    (row,) = [r for r in ledger_rows(edge, before + 1) if r["request_id"] == response.headers["x-request-id"]]
+    (row,) = [
+        r
+        for r in rows_once_booked(edge.ledger_url, before + 1, within_s=5.0)
+        if r["request_id"] == response.headers["x-request-id"]
+    ]
     assert row["user"] == json.loads(f'"{user}"')
 
 
@@ -115,7 +94,7 @@ def test_a_user_of_up_to_256_characters_is_accepted_and_booked(edge: GatewayProc
 def test_a_long_user_or_one_with_a_lone_surrogate_or_nul_is_400(
     edge: GatewayProcess, upstream: ScriptedUpstream, user: str
 ) -> None:
-    before = row_count(edge)
+    before = row_count(edge.ledger_url)
     response = post_raw(edge, user_body(user))
     assert response.status_code == 400
     error = response.json()["error"]
@@ -123,7 +102,11 @@ def test_a_long_user_or_one_with_a_lone_surrogate_or_nul_is_400(
     assert error["type"] == "invalid_request_error" and error["message"].startswith("user must")
     request_id = response.headers["x-request-id"]
     assert upstream.find(request_id) == []
-    (row,) = [r for r in ledger_rows(edge, before + 1) if r["request_id"] == request_id]
+    (row,) = [
+        r
+        for r in rows_once_booked(edge.ledger_url, before + 1, within_s=5.0)
+        if r["request_id"] == request_id
+    ]
     assert (row["outcome"], row["status"], row["cost_nanos"], row["user"]) == ("rejected", 400, 0, None)
     assert_the_books_move(edge, before, 1)
 
@@ -146,7 +129,7 @@ def test_a_request_id_is_kept_only_when_short_printable_ascii(
     edge: GatewayProcess, upstream: ScriptedUpstream, sent: bytes, kept: bool
 ) -> None:
     """The id the caller sees is the one booked and sent upstream: theirs, or a new one."""
-    before, sent_before = row_count(edge), len(upstream.find(sent.decode("latin-1")))
+    before, sent_before = row_count(edge.ledger_url), len(upstream.find(sent.decode("latin-1")))
     headers = {b"Authorization": f"Bearer {CALLER_KEY}".encode(), b"x-request-id": sent}
     response = httpx.post(edge.url + CHAT_PATH, json=chat(), headers=headers)
     assert response.status_code == 200
@@ -154,7 +137,9 @@ def test_a_request_id_is_kept_only_when_short_printable_ascii(
     assert (echoed == sent.decode("latin-1")) is kept
     assert 1 <= len(echoed) <= 200 and echoed.isascii() and echoed.isprintable()
     assert len(upstream.find(echoed)) == (sent_before if kept else 0) + 1
-    assert echoed in {row["request_id"] for row in ledger_rows(edge, before + 1)}
+    assert echoed in {
+        row["request_id"] for row in rows_once_booked(edge.ledger_url, before + 1, within_s=5.0)
+    }
 
 
 # --- Authorization ---------------------------------------------------------------------------------
@@ -223,7 +208,7 @@ def hostile_requests(draw: st.DrawFn) -> tuple[bytes, bytes]:
 def test_any_text_in_any_caller_field_is_answered_in_the_openai_shape_and_booked(
     edge: GatewayProcess,
 ) -> None:
-    before = row_count(edge)
+    before = row_count(edge.ledger_url)
     answered: list[str] = []
 
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -239,6 +224,8 @@ def test_any_text_in_any_caller_field_is_answered_in_the_openai_shape_and_booked
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
     one_request()
-    booked = {row["request_id"] for row in ledger_rows(edge, before + len(answered))}
+    booked = {
+        row["request_id"] for row in rows_once_booked(edge.ledger_url, before + len(answered), within_s=5.0)
+    }
     assert set(answered) <= booked
     assert_the_books_move(edge, before, len(answered))

@@ -31,8 +31,7 @@ from sqlalchemy import update
 from gateway.ledger.schema import requests
 from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY
-from tests.eventually import eventually
-from tests.ledgers import count_rows
+from tests.ledgers import rows_once_booked
 from tests.servers import CALLER_KEY, MODEL, GatewayProcess, gateway_config
 
 ADMIN_KEY = "sk-admin-dashboard-81c2"
@@ -67,7 +66,7 @@ def spent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayPro
     process = GatewayProcess(config, tmp, {"GATEWAY_ADMIN_KEY": ADMIN_KEY}).start()
     try:
         told = make_known_requests(process)
-        wait_for_rows(process, told["requests"])
+        rows_once_booked(process.ledger_url, told["requests"], within_s=1.0)
         move_back(process, user="ben", days=3)
         move_back(process, user=None, days=10)
         yield process, told
@@ -99,20 +98,6 @@ def make_known_requests(gateway: GatewayProcess) -> dict[str, Any]:
         alice.chat.completions.create(model=MODEL, messages=messages, user="ana", temperature=5)
     told["requests"] += 1  # booked as rejected, at zero
     return told
-
-
-def wait_for_rows(gateway: GatewayProcess, count: int) -> None:
-    """Rows are written off the request path; the spec gives them one second to show."""
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        eventually(
-            lambda: count_rows(ledger),
-            until=lambda rows: rows >= count,
-            within_s=1.0,
-            waiting_for=f"{count} rows in the ledger",
-        )
-    finally:
-        ledger.close()
 
 
 def move_back(gateway: GatewayProcess, user: str | None, days: int) -> None:

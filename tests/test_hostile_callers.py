@@ -24,10 +24,9 @@ import pytest
 from gateway.asgi import BodyBudget
 from gateway.auth import AddressLimiter
 from gateway.errors import Overloaded
-from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
 from tests.eventually import eventually
-from tests.ledgers import booked_rows
+from tests.ledgers import rows_of_request
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -166,17 +165,7 @@ def test_a_body_with_no_room_gets_503_overloaded_and_is_booked(
         upstream.gate(holder).set()
         thread.join(10)
     assert httpx.post(small_budget.url + CHAT_PATH, json=chat(), headers=auth_headers()).status_code == 200
-    ledger = Ledger(small_budget.ledger_url)
-    try:
-        refused = eventually(
-            lambda: [
-                row for row in booked_rows(ledger) if row["request_id"] == response.headers["x-request-id"]
-            ],
-            within_s=5.0,
-            waiting_for="the refused request's row",
-        )
-    finally:
-        ledger.close()
+    refused = rows_of_request(small_budget.ledger_url, response.headers["x-request-id"], within_s=5.0)
     assert [(row["outcome"], row["status"], row["cost_nanos"]) for row in refused] == [("rejected", 503, 0)]
 
 

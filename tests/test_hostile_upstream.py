@@ -19,10 +19,9 @@ import openai
 import orjson
 import pytest
 
-from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
 from tests.eventually import eventually
-from tests.ledgers import BACKENDS, booked_rows, ledger_database
+from tests.ledgers import BACKENDS, ledger_database, row_of_request
 from tests.scenarios import (
     COMPLETION_BYTES,
     DRIP_INTERVAL_S,
@@ -86,25 +85,11 @@ def post(gateway: GatewayProcess, body: dict[str, Any]) -> tuple[httpx.Response,
     return response, request_id
 
 
-def booked(gateway: GatewayProcess, request_id: str) -> dict[str, Any]:
-    """The request's row; the spec gives a row one second to show (here two, for a loaded machine)."""
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        (row,) = eventually(
-            lambda: [row for row in booked_rows(ledger) if row["request_id"] == request_id],
-            within_s=2.0,
-            waiting_for=f"the row of request {request_id}",
-        )
-        return row
-    finally:
-        ledger.close()
-
-
 def assert_books_move(gateway: GatewayProcess) -> None:
     """A plain request after the hostile one is answered and booked as usual."""
     response, request_id = post(gateway, chat())
     assert response.status_code == 200
-    assert booked(gateway, request_id)["cost_nanos"] == 26_800
+    assert row_of_request(gateway.ledger_url, request_id, within_s=2.0)["cost_nanos"] == 26_800
 
 
 def sdk(gateway: GatewayProcess) -> openai.OpenAI:
@@ -176,7 +161,7 @@ def test_absurd_token_counts_are_estimated_and_the_caller_told_what_is_booked(
             messages=body["messages"],
             extra_headers={"x-request-id": request_id},
         )
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert row["outcome"] == "ok" and row["status"] == 200
     assert (row["usage_source"], row["cost_source"]) == ("estimated", "price_table")
     assert row["completion_tokens"] == 8 and row["prompt_tokens"] > 0  # the gateway's own estimate
@@ -203,7 +188,7 @@ def test_an_absurd_cost_is_replaced_by_the_price_of_upstreams_tokens(
     response, request_id = post(hostile, with_splice(usage))
     assert response.status_code == 200
     assert response.json()["usage"] == {**USAGE, "estimated_cost": 1.519e-06}  # 31 tokens x 49 nanos
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["usage_source"], row["cost_source"]) == ("upstream", "price_table")
     assert (row["prompt_tokens"], row["completion_tokens"], row["cost_nanos"]) == (15, 16, 31 * 49)
     assert_books_move(hostile)
@@ -217,7 +202,7 @@ def test_a_believable_usage_is_relayed_byte_for_byte_and_its_total_booked_as_the
     fields += '"estimated_cost": 0.0000268}'
     response, request_id = post(hostile, with_splice(fields))
     assert response.content == spliced_answer(fields.encode())
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (15, 16, 31)
     assert (row["usage_source"], row["cost_source"], row["cost_nanos"]) == ("upstream", "upstream", 26_800)
 
@@ -233,7 +218,7 @@ def test_absurd_usage_in_a_streams_last_chunk_is_not_believed(hostile: GatewayPr
     response, received, request_id = stream_of(hostile, with_splice(fields, stream=True))
     assert response.status_code == 200
     assert received == b"".join(spliced_stream(fields.encode()))
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert row["outcome"] == "ok" and row["cost_source"] == "price_table"
     if row["usage_source"] == "upstream":  # the tokens were believable, only the cost was not
         assert (row["prompt_tokens"], row["completion_tokens"], row["cost_nanos"]) == (15, 16, 31 * 49)
@@ -259,7 +244,10 @@ def test_a_long_or_unstorable_service_tier_is_clipped_to_its_column(
     else:
         response, request_id = post(hostile_on, with_splice(fields))
     assert response.status_code == 200
-    assert booked(hostile_on, request_id)["service_tier"] == "\ufffd\ufffd" + "p" * 62
+    assert (
+        row_of_request(hostile_on.ledger_url, request_id, within_s=2.0)["service_tier"]
+        == "\ufffd\ufffd" + "p" * 62
+    )
     assert_books_move(hostile_on)
 
 
@@ -268,7 +256,7 @@ def test_a_model_that_is_not_served_is_booked_as_unknown(hostile_on: GatewayProc
     response, request_id = post(hostile_on, chat(model=model))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
-    row = booked(hostile_on, request_id)
+    row = row_of_request(hostile_on.ledger_url, request_id, within_s=2.0)
     assert (row["model"], row["outcome"], row["cost_nanos"]) == ("unknown", "rejected", 0)
     assert_books_move(hostile_on)
 
@@ -282,7 +270,7 @@ def test_an_answer_too_large_or_coded_otherwise_is_502(hostile: GatewayProcess, 
     encoding the gateway does not read."""
     response, request_id = post(hostile, chat(f"scenario:{scenario}"))
     upstream_bad_response(response)
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["outcome"], row["status"], row["cost_nanos"]) == ("upstream_error", 502, 0)
     assert_books_move(hostile)
 
@@ -292,7 +280,7 @@ def test_a_compressed_answer_within_the_bound_is_inflated(hostile: GatewayProces
     response, request_id = post(hostile, chat(f"scenario:{scenario}"))
     assert response.status_code == 200
     assert response.content == COMPLETION_BYTES and "content-encoding" not in response.headers
-    assert booked(hostile, request_id)["cost_nanos"] == 26_800
+    assert row_of_request(hostile.ledger_url, request_id, within_s=2.0)["cost_nanos"] == 26_800
 
 
 def test_an_sse_event_over_the_bound_ends_the_stream_with_an_error_event(hostile: GatewayProcess) -> None:
@@ -301,7 +289,7 @@ def test_an_sse_event_over_the_bound_ends_the_stream_with_an_error_event(hostile
     assert len(received) < MAX_ANSWER_BYTES  # the oversized event never reached the caller
     error = last_event(received)["error"]
     assert error["code"] == "upstream_bad_response" and b"[DONE]" not in received
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["outcome"], row["usage_source"], row["completion_tokens"]) == (
         "upstream_error",
         "estimated",
@@ -316,7 +304,7 @@ def test_a_compressed_redirected_or_empty_stream_is_502(hostile: GatewayProcess,
     assert response.status_code == 502
     assert orjson.loads(received)["error"]["code"] == "upstream_bad_response"
     assert TRICKY_STREAM not in received
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["outcome"], row["status"], row["cost_nanos"]) == ("upstream_error", 502, 0)
     assert_books_move(hostile)
 
@@ -365,7 +353,7 @@ def test_an_error_not_in_openais_shape_is_completed(hostile: GatewayProcess, sce
     assert {key: value for key, value in response.json().items() if key != "error"} == {
         key: value for key, value in orjson.loads(sent).items() if key != "error"
     }  # what else upstream said is kept
-    assert booked(hostile, request_id)["outcome"] == "upstream_error"
+    assert row_of_request(hostile.ledger_url, request_id, within_s=2.0)["outcome"] == "upstream_error"
 
 
 def test_the_sdk_reads_a_completed_error(hostile: GatewayProcess) -> None:
@@ -396,14 +384,14 @@ def test_an_answer_dripping_a_byte_at_a_time_is_cut_at_the_total_deadline(hostil
         "param": None,
         "code": "upstream_timeout",
     }
-    assert booked(hostile, request_id)["outcome"] == "timeout"
+    assert row_of_request(hostile.ledger_url, request_id, within_s=2.0)["outcome"] == "timeout"
 
 
 def test_a_stream_dripping_a_byte_at_a_time_ends_with_an_error_event(hostile: GatewayProcess) -> None:
     response, received, request_id = stream_of(hostile, chat("scenario:drip_stream", stream=True))
     assert response.status_code == 200
     assert last_event(received)["error"]["code"] == "upstream_timeout" and b"[DONE]" not in received
-    row = booked(hostile, request_id)
+    row = row_of_request(hostile.ledger_url, request_id, within_s=2.0)
     assert (row["outcome"], row["usage_source"], row["completion_tokens"]) == ("timeout", "estimated", 1)
 
 
@@ -438,7 +426,7 @@ def test_no_file_descriptor_for_an_upstream_socket_is_503_overloaded(
         for caller in callers:
             caller.close()
     try:
-        row = booked(gateway, request_id)
+        row = row_of_request(gateway.ledger_url, request_id, within_s=2.0)
         assert (row["outcome"], row["status"], row["cost_nanos"]) == ("rejected", 503, 0)
         _wait_for_a_free_descriptor(gateway)
         assert_books_move(gateway)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
 from tests.eventually import eventually
-from tests.ledgers import BACKENDS, booked_rows, connect, count_rows, ledger_database, spill_files
+from tests.ledgers import BACKENDS, booked_rows, connect, ledger_database, row_count, spill_files
 from tests.servers import UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -36,14 +36,6 @@ def gateway_with_ledger(
             yield process, url, spill_dir
         finally:
             process.stop()
-
-
-def row_count(url: str) -> int:
-    ledger = Ledger(url)
-    try:
-        return count_rows(ledger)
-    finally:
-        ledger.close()
 
 
 def metric(gateway: GatewayProcess, name: str) -> float:

@@ -18,10 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ledger.store import Ledger
 from tests.conftest import BOB_KEY, auth_headers, chat
 from tests.eventually import eventually
-from tests.ledgers import booked_rows
+from tests.ledgers import all_rows
 from tests.servers import CALLER_KEY, MODEL, UPSTREAM_TOKEN, GatewayProcess, ScriptedUpstream, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
@@ -61,14 +60,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(value for (sample, found), value in samples.items() if sample == name and wanted <= found)
 
 
-def ledger_rows(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        return booked_rows(ledger)
-    finally:
-        ledger.close()
-
-
 def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) -> None:
     alice = openai.OpenAI(base_url=metered.url + "/v1/openai", api_key=CALLER_KEY, max_retries=0)
     messages: Any = [{"role": "user", "content": "hi"}]
@@ -87,7 +78,7 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
     expected_rows = 11
 
     eventually(
-        lambda: len(ledger_rows(metered)),
+        lambda: len(all_rows(metered.ledger_url)),
         until=lambda count: count == expected_rows,
         waiting_for="every row booked",
     )
@@ -96,7 +87,7 @@ def test_counters_equal_the_ledger_after_a_known_mix(metered: GatewayProcess) ->
         until=lambda count: count == expected_rows,
         waiting_for="every row counted in /metrics",
     )
-    rows = ledger_rows(metered)
+    rows = all_rows(metered.ledger_url)
     samples = scrape(metered)
 
     # A model the gateway does not serve is "other": callers cannot create series of their own.
@@ -188,7 +179,7 @@ def test_metrics_add_up_across_workers(tmp_path: Path) -> None:
             assert total(scrape(gateway), "gateway_requests_total", outcome="ok") == requests
     finally:
         gateway.stop()
-    workers = {row["request_id"] for row in ledger_rows(gateway)}
+    workers = {row["request_id"] for row in all_rows(gateway.ledger_url)}
     assert len(workers) == requests
 
 

@@ -16,10 +16,8 @@ import httpx
 import pytest
 
 from gateway.http_guard import MAX_HEAD_BYTES
-from gateway.ledger.store import Ledger
 from tests.conftest import auth_headers, chat
-from tests.eventually import eventually
-from tests.ledgers import booked_rows
+from tests.ledgers import row_of_request
 from tests.servers import CALLER_KEY, GatewayProcess, gateway_config
 
 CLIENT_TIMEOUT_S = 0.5
@@ -97,7 +95,7 @@ def test_a_body_that_stops_is_cut_and_booked(guarded: GatewayProcess) -> None:
         % (CALLER_KEY.encode(), request_id.encode())
     )
     assert exchange(guarded, head + b'{"model": ') == b""  # closed, as the caller left
-    row = wait_for_row(guarded, request_id)
+    row = row_of_request(guarded.ledger_url, request_id, within_s=2.0)
     assert (row["outcome"], row["status"]) == ("client_disconnected", 499)
 
 
@@ -119,7 +117,7 @@ def test_a_huge_trailer_is_431_and_booked_as_the_caller_leaving(guarded: Gateway
     trailer = b"0\r\nX-T: " + b"a" * 16 * MAX_HEAD_BYTES + b"\r\n\r\n"
     status, error = error_of(exchange(guarded, chunked_chat_head(request_id) + b"2\r\n{}\r\n" + trailer))
     assert status == 431 and error["code"] == "request_header_fields_too_large"
-    assert wait_for_row(guarded, request_id)["outcome"] == "client_disconnected"
+    assert row_of_request(guarded.ledger_url, request_id, within_s=2.0)["outcome"] == "client_disconnected"
     assert httpx.get(guarded.url + "/healthz").status_code == 200
 
 
@@ -144,7 +142,7 @@ def test_broken_chunked_framing_is_400_and_booked_as_the_caller_leaving(
     request_id = f"chunks-{time.monotonic_ns()}"
     status, error = error_of(exchange(guarded, chunked_chat_head(request_id) + framing))
     assert status == 400 and error["code"] == "invalid_http" and error["type"] == "invalid_request_error"
-    assert wait_for_row(guarded, request_id)["outcome"] == "client_disconnected"
+    assert row_of_request(guarded.ledger_url, request_id, within_s=2.0)["outcome"] == "client_disconnected"
 
 
 def test_a_head_over_the_limit_in_one_read_is_431(guarded: GatewayProcess) -> None:
@@ -227,17 +225,3 @@ def test_a_refusal_is_answered_once_and_logs_no_traceback(guarded: GatewayProces
     assert status in (400, 431)
     assert httpx.get(guarded.url + "/healthz").status_code == 200
     assert "Traceback" not in guarded.logs() and "Fatal error" not in guarded.logs()
-
-
-def wait_for_row(gateway: GatewayProcess, request_id: str) -> dict[str, object]:
-    """Rows are written off the request path; the spec gives them one second to show."""
-    ledger = Ledger(gateway.ledger_url)
-    try:
-        rows = eventually(
-            lambda: [row for row in booked_rows(ledger) if row["request_id"] == request_id],
-            within_s=2.0,
-            waiting_for=f"the row of request {request_id}",
-        )
-        return rows[0]
-    finally:
-        ledger.close()
