@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, TypeGuard
 
-from sqlalchemy import String
-
 from gateway.asgi import ResponseSend
 from gateway.config import ModelConfig
 from gateway.errors import GatewayError, Overloaded, UpstreamTimeout
 from gateway.ids import new_id
-from gateway.ledger.schema import requests
+from gateway.ledger.schema import (
+    KEY_NAME_CHARS,
+    MODEL_CHARS,
+    REQUEST_ID_CHARS,
+    SERVICE_TIER_CHARS,
+    USER_CHARS,
+)
 from gateway.ledger.store import NANOS_PER_USD, LedgerRow, usd
 
 # How a request ended: the ledger's `outcome` column.
@@ -43,19 +47,6 @@ MAX_TOKENS = 10**9
 MAX_COST_USD = 10
 UNKNOWN_MODEL = "unknown"  # what a row books for a model the gateway does not serve
 
-
-def column_chars(name: str) -> int:
-    """The length of one of the ledger's text columns, in characters, as the schema declares it."""
-    column_type = requests.c[name].type
-    assert isinstance(column_type, String) and column_type.length is not None, name
-    return column_type.length
-
-
-REQUEST_ID_CHARS = column_chars("request_id")
-KEY_NAME_CHARS = column_chars("key_name")
-USER_CHARS = column_chars("user")
-MODEL_CHARS = column_chars("model")
-SERVICE_TIER_CHARS = column_chars("service_tier")
 # What no text column takes: NUL (PostgreSQL refuses it) and lone UTF-16 surrogates (no UTF-8 for them).
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 

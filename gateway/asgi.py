@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.errors import GatewayError, InvalidRequest, Overloaded, PayloadTooLarge
 from gateway.ids import new_id
+from gateway.ledger.schema import REQUEST_ID_CHARS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -23,7 +24,7 @@ Send = Callable[[Message], Awaitable[None]]
 REQUEST_ID_HEADER = b"x-request-id"
 _JSON = (b"content-type", b"application/json")
 # Printable ASCII, and no longer than the ledger's column: an id is booked, sent upstream and echoed.
-_VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,200}")
+_VALID_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,%d}" % REQUEST_ID_CHARS)
 
 
 class ClientGone(Exception):

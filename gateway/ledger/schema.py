@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Column, Index, Integer, LargeBinary, MetaData, String, Table
 
-# Text lengths that other modules check against too: a caller key's name (config, admin API, CLI) and
-# a model's name (config).
+# The lengths of the text columns, in characters: what the gateway clips or refuses before
+# booking (accounting), and the names the config, the admin API and the CLI accept.
+REQUEST_ID_CHARS = 200
 KEY_NAME_CHARS = 200
+USER_CHARS = 500
 MODEL_CHARS = 500
+SERVICE_TIER_CHARS = 64
 
 metadata = MetaData()
 
@@ -25,11 +28,11 @@ requests = Table(
     "requests",
     metadata,
     Column("row_id", String(32), primary_key=True),  # the gateway's own id: retried batches stay idempotent
-    Column("request_id", String(200), nullable=False),
+    Column("request_id", String(REQUEST_ID_CHARS), nullable=False),
     Column("ts_us", BigInteger, nullable=False),
     Column("day", String(10), nullable=False),
     Column("key_name", String(KEY_NAME_CHARS), nullable=False),
-    Column("user", String(500)),
+    Column("user", String(USER_CHARS)),
     Column("model", String(MODEL_CHARS)),
     Column("stream", Boolean, nullable=False),
     Column("outcome", String(32), nullable=False),
@@ -42,7 +45,7 @@ requests = Table(
     Column("cost_source", String(16), nullable=False),  # upstream | price_table | none
     Column("latency_us", BigInteger, nullable=False),
     Column("ttfb_us", BigInteger),
-    Column("service_tier", String(64)),
+    Column("service_tier", String(SERVICE_TIER_CHARS)),
     Index("ix_requests_ts", "ts_us"),
     Index("ix_requests_key_ts", "key_name", "ts_us"),
     Index("ix_requests_user_ts", "user", "ts_us"),
