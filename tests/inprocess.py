@@ -29,7 +29,7 @@ from gateway.app import create_app
 from gateway.config import parse_config
 from tests.eventually import eventually_async
 from tests.scenarios import COMPLETION_BYTES, TRICKY_WRITES
-from tests.servers import CALLER_KEY, UPSTREAM_TOKEN, gateway_config
+from tests.servers import CALLER_KEY, UPSTREAM_TOKEN, UpstreamRequest, gateway_config
 
 CHAT_PATH = "/v1/openai/chat/completions"
 REQUEST_ID = "x-request-id"
@@ -44,19 +44,6 @@ _SHUTDOWN_TIMEOUT_S = 0.5
 
 
 # --- the function upstream --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SeenRequest:
-    """A request as the upstream received it (header names in lower case)."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return orjson.loads(self.body)
 
 
 async def complete(request: web.BaseRequest) -> web.StreamResponse:
@@ -109,7 +96,7 @@ class FunctionUpstream:
     """
 
     default: Handler = complete
-    requests: list[SeenRequest] = field(default_factory=list)
+    requests: list[UpstreamRequest] = field(default_factory=list)
     closed: set[str] = field(default_factory=set)
     _handlers: dict[str, Handler] = field(default_factory=dict)
     _runner: web.ServerRunner | None = None
@@ -137,13 +124,13 @@ class FunctionUpstream:
         self._handlers[request_id] = handler
         return request_id
 
-    def find(self, request_id: str) -> list[SeenRequest]:
+    def find(self, request_id: str) -> list[UpstreamRequest]:
         return [r for r in self.requests if r.headers.get(REQUEST_ID) == request_id]
 
     async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
         headers = {name.lower(): value for name, value in request.headers.items()}
-        self.requests.append(SeenRequest(request.path, headers, body))
+        self.requests.append(UpstreamRequest(request.method, request.path, headers, body))
         request_id = headers.get(REQUEST_ID, "")
         try:
             return await self._handlers.get(request_id, self.default)(request)

@@ -152,6 +152,8 @@ def gateway_config(base_url: str | None = None, **sections: Any) -> dict[str, An
 
 @dataclass
 class UpstreamRequest:
+    """A request as an upstream of the tests received it (header names in lower case)."""
+
     method: str
     path: str
     headers: dict[str, str]
